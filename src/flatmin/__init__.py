@@ -1,0 +1,13 @@
+"""flatmin: training toward flat minima with random weight perturbation (RWP, ARWP, m-RWP, m-ARWP),
+the SAM/ASAM baselines and NRS, plus the tools to train, compare and analyse.
+
+Layers, each importing only from those above it in this list:
+``perturb``/``norm_stats`` (primitives) → ``optim`` (methods) → ``data``/``models`` → ``train`` →
+``analysis`` → ``cli``.
+"""
+from .norm_stats import frozen_norm_stats
+from .optim import ARWP, MARWP, METHODS, MRWP, RWP, SAM, CosineIncSigma, create
+
+__version__ = "0.1.0"
+
+__all__ = ["ARWP", "MARWP", "METHODS", "MRWP", "RWP", "SAM", "CosineIncSigma", "create", "frozen_norm_stats"]

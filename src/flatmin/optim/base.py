@@ -1,0 +1,202 @@
+"""What every flatmin optimizer shares: a wrapped base optimizer, the noise generator, the final
+update with its non-finite guard, AMP and clipping, and a state_dict that resumes bit-identically.
+
+A flatmin optimizer builds a gradient (perturbed, mixed or adversarial) in ``.grad`` and ends in one
+call of an ordinary base optimizer (SGD, AdamW, ...) at the unperturbed weights. The base optimizer
+shares ``param_groups`` with the wrapper, so learning-rate schedulers, ``add_param_group`` and
+per-group hyperparameters work on either object.
+
+Non-finite gradients: if the gradient the update would use (or SAM's first gradient) holds an
+inf or NaN, the update is skipped: weights, base-optimizer state and ARWP statistics stay as they
+were, ``skipped_steps`` grows by one and a ``RuntimeWarning`` is issued. With a ``grad_scaler``
+this is the scaler's ordinary business (it lowers its scale), so no warning is issued.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+Closure = Callable[[], Any]
+BaseOptimizer = Callable[..., torch.optim.Optimizer]
+
+
+def check_range(
+    name: str, value: float, low: float, high: float, *, low_open: bool = False, high_open: bool = False
+) -> float:
+    """Raise ``ValueError`` naming ``value`` and the allowed interval unless ``value`` lies in it."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{name}={value!r} is not allowed: {name} must be a number in {interval}")
+    return float(value)
+
+
+def global_norm(tensors: Sequence[Tensor]) -> Tensor:
+    """``sqrt(Σ_t ||t||²)`` over all tensors, in float32 (inf or NaN if any element is)."""
+    if not tensors:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(list(tensors))]))
+
+
+def _first_device(params: Iterable[Any]) -> torch.device:
+    for item in params:
+        tensors = item["params"] if isinstance(item, dict) else [item]
+        for t in tensors:
+            return t.device
+    return torch.device("cpu")
+
+
+class WrappedOptimizer(torch.optim.Optimizer):
+    """Base class: owns ``base_optimizer``, the noise ``generator`` and the final update.
+
+    Args:
+        params: parameters or parameter groups, as for any ``torch.optim.Optimizer``.
+        base_optimizer: the optimizer class that applies the update (``torch.optim.SGD``, ...).
+        defaults: this method's hyperparameters (validated by the subclass).
+        model: when given, normalisation running statistics follow the method's rules (SPEC.md).
+        seed / generator: where the noise comes from; give at most one. Without either, a seed is
+            drawn from torch's global generator, so ``torch.manual_seed`` makes runs repeatable.
+        exact_restore: keep a copy of the weights while they are shifted and copy it back
+            (bit-exact), instead of undoing the shift in place (a few ulp of rounding, no copy).
+        grad_scaler: a ``torch.amp.GradScaler`` whose ``scale(loss).backward()`` the closures use;
+            the optimizer unscales and steps through it, the caller runs ``scaler.update()``.
+        max_grad_norm: clip the final gradient to this global 2-norm before the base step.
+        **base_kwargs: passed on to ``base_optimizer`` (``lr``, ``momentum``, ``weight_decay``, ...).
+    """
+
+    grads_per_step: int = 1
+    batches_per_step: int = 1
+
+    def __init__(
+        self,
+        params: Union[Iterable[Tensor], Iterable[Dict[str, Any]]],
+        base_optimizer: BaseOptimizer,
+        defaults: Dict[str, Any],
+        *,
+        model: Optional[nn.Module] = None,
+        seed: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
+        exact_restore: bool = False,
+        grad_scaler: Optional[torch.amp.GradScaler] = None,
+        max_grad_norm: Optional[float] = None,
+        **base_kwargs: Any,
+    ) -> None:
+        if isinstance(base_optimizer, torch.optim.Optimizer) or not callable(base_optimizer):
+            raise TypeError(
+                f"base_optimizer must be an optimizer class such as torch.optim.SGD, not {base_optimizer!r}"
+            )
+        if seed is not None and generator is not None:
+            raise ValueError("give either seed= or generator=, not both")
+        if max_grad_norm is not None:
+            check_range("max_grad_norm", max_grad_norm, 0.0, math.inf, low_open=True, high_open=True)
+        params = list(params)
+        if generator is None:
+            generator = torch.Generator(device=_first_device(params))
+            if seed is None:
+                seed = int(torch.randint(0, 2**62, (1,)).item())
+            generator.manual_seed(int(seed))
+        self.generator = generator
+        self.model = model
+        self.exact_restore = bool(exact_restore)
+        self.grad_scaler = grad_scaler
+        self.max_grad_norm = max_grad_norm
+        self.skipped_steps = 0
+        super().__init__(params, {**defaults, **base_kwargs})
+        self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        # One list of group dicts for both objects: a scheduler or a user editing either sees the same.
+        self.param_groups = self.base_optimizer.param_groups
+
+    def _check_group(self, group: Dict[str, Any]) -> None:
+        """Validate this method's hyperparameters in one parameter group (subclasses override)."""
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        if "base_optimizer" in self.__dict__:
+            # The list is shared: the base optimizer appends the group and fills in its own defaults.
+            self.base_optimizer.add_param_group(param_group)
+            for name, value in self.defaults.items():
+                self.param_groups[-1].setdefault(name, value)
+        else:
+            super().add_param_group(param_group)
+        self._check_group(self.param_groups[-1])
+
+    def trainable(self) -> List[Tensor]:
+        """The tensors that are perturbed and updated: every ``requires_grad`` tensor of every group."""
+        return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+
+    def _grads(self) -> List[Tensor]:
+        return [p.grad for p in self.trainable() if p.grad is not None]
+
+    def _all_finite(self, grads: Sequence[Tensor]) -> bool:
+        return bool(torch.isfinite(global_norm(grads)))
+
+    def _observe(self, pending: Any, inv_scale_sq: float) -> None:
+        """Fold statistics of the perturbed gradient into the state (ARWP overrides)."""
+
+    def _update(self, pending: Any = None) -> None:
+        """Apply the base optimizer to the gradient now in ``.grad`` at the unperturbed weights.
+
+        ``pending`` holds statistics of the perturbed gradient taken earlier in the step, before
+        any unscaling; they enter the state only if the update is applied.
+        """
+        scaler = self.grad_scaler
+        if scaler is not None:
+            scaler.unscale_(self.base_optimizer)
+        finite = self._all_finite(self._grads())
+        if finite:
+            if pending is not None:
+                inv_scale_sq = 1.0 if scaler is None else 1.0 / scaler.get_scale() ** 2
+                self._observe(pending, inv_scale_sq)
+            if self.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(self.trainable(), self.max_grad_norm)
+        if scaler is not None:
+            scaler.step(self.base_optimizer)  # skips the step itself when it found an inf
+        elif finite:
+            self.base_optimizer.step()
+        else:
+            self.skipped_steps += 1
+            warnings.warn(
+                f"{type(self).__name__}: non-finite gradient, update skipped "
+                f"({self.skipped_steps} skipped so far); weights and optimizer state are unchanged",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    @staticmethod
+    def _call(closure: Optional[Closure], what: str = "closure") -> Any:
+        if closure is None:
+            raise ValueError(f"{what} is required: a function that runs forward and backward and returns the loss")
+        with torch.enable_grad():
+            return closure()
+
+    def state_dict(self) -> Dict[str, Any]:
+        state = super().state_dict()
+        state["base_optimizer"] = self.base_optimizer.state_dict()
+        state["generator"] = self.generator.get_state()
+        state["skipped_steps"] = self.skipped_steps
+        return state
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        try:
+            base_state = state_dict.pop("base_optimizer")
+            generator_state = state_dict.pop("generator")
+        except KeyError as missing:
+            raise ValueError(
+                f"not a {type(self).__name__} state_dict: it has no {missing} entry"
+            ) from None
+        self.skipped_steps = int(state_dict.pop("skipped_steps", 0))
+        super().load_state_dict(state_dict)
+        self.base_optimizer.load_state_dict(base_state)
+        self.param_groups = self.base_optimizer.param_groups
+        self.generator.set_state(generator_state)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(base={type(self.base_optimizer).__name__}, " + ", ".join(
+            f"{k}={self.defaults[k]!r}" for k in self.defaults
+        ) + ")"

@@ -1,0 +1,73 @@
+"""Build any method by its name, for configs and the command line."""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Dict, Type, Union
+
+import torch
+from torch import nn
+
+from .arwp import ARWP
+from .mrwp import MARWP, MRWP
+from .rwp import RWP
+from .sam import SAM
+
+METHODS: Dict[str, Any] = {
+    "sgd": None,
+    "sam": SAM,
+    "asam": SAM,
+    "rwp": RWP,
+    "arwp": ARWP,
+    "m-rwp": MRWP,
+    "m-arwp": MARWP,
+}
+BASES: Dict[str, Type[torch.optim.Optimizer]] = {
+    "sgd": torch.optim.SGD,
+    "adamw": torch.optim.AdamW,
+    "adam": torch.optim.Adam,
+}
+# Keywords that belong to some flatmin method; given to a method that lacks them, they are an error
+# rather than something to pass on to the base optimizer.
+METHOD_KEYWORDS = frozenset({"sigma", "lam", "eta", "beta", "rho", "adaptive", "seed", "generator",
+                             "exact_restore", "grad_scaler", "max_grad_norm"})
+
+
+def _method_keywords(cls: type) -> set:
+    names = set()
+    for klass in cls.__mro__:
+        if "__init__" in klass.__dict__:
+            names |= set(inspect.signature(klass.__init__).parameters)
+    return names & METHOD_KEYWORDS
+
+
+def create(
+    name: str, model: nn.Module, base: Union[str, Type[torch.optim.Optimizer]] = "sgd", **hparams: Any
+) -> torch.optim.Optimizer:
+    """The optimizer of method ``name`` for ``model``'s parameters.
+
+    ``name`` is one of ``sgd, sam, asam, rwp, arwp, m-rwp, m-arwp``; ``base`` is ``"sgd"``,
+    ``"adamw"``, ``"adam"`` or an optimizer class. ``hparams`` are the method's own (``sigma``,
+    ``lam``, ``eta``, ``beta``, ``rho``, ``seed``, ...) and the base optimizer's (``lr``,
+    ``momentum``, ``weight_decay``, ...). ``sgd`` returns the plain base optimizer (the name is the
+    method "no perturbation"; with ``base="adamw"`` it is plain AdamW).
+    """
+    key = name.lower() if isinstance(name, str) else name
+    if key not in METHODS:
+        raise ValueError(f"unknown method {name!r}: choose one of {', '.join(METHODS)}")
+    if isinstance(base, str):
+        if base.lower() not in BASES:
+            raise ValueError(f"unknown base optimizer {base!r}: choose one of {', '.join(BASES)} or pass a class")
+        base = BASES[base.lower()]
+    cls = METHODS[key]
+    allowed = set() if cls is None else _method_keywords(cls)
+    foreign = sorted(k for k in hparams if k in METHOD_KEYWORDS and k not in allowed)
+    if foreign:
+        raise ValueError(
+            f"method {key!r} takes no {', '.join(foreign)}; its own hyperparameters are: "
+            f"{', '.join(sorted(allowed)) or 'none (only the base optimizer’s)'}"
+        )
+    if cls is None:
+        return base(model.parameters(), **hparams)
+    if key == "asam":
+        hparams.setdefault("adaptive", True)
+    return cls(model.parameters(), base, model=model, **hparams)

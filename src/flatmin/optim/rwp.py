@@ -1,0 +1,71 @@
+"""RWP: random weight perturbation, one gradient per update (Li et al., arXiv 2211.11489).
+
+    ε = σ · s(W) ⊙ z,   z ~ N(0, I)        for every trainable tensor W (filter-wise s, SPEC.md)
+    g = ∇L(w + ε; B)                        one forward and backward at the perturbed weights
+    w ← base_step(w, g)                     at the unperturbed w
+
+``σ`` (``sigma``) is the relative noise radius. The noise is undone in place by redrawing it from
+the optimizer's generator, so no copy of the weights and no buffer of noise is kept. Running
+statistics are updated in the perturbed pass, the only one.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..perturb import filter_norms, gaussian_deltas, shifted_weights
+from .base import BaseOptimizer, Closure, WrappedOptimizer, check_range
+
+
+class RWP(WrappedOptimizer):
+    """Random weight perturbation around any base optimizer.
+
+    Example::
+
+        opt = flatmin.RWP(model.parameters(), torch.optim.SGD, sigma=0.01, lr=0.1, momentum=0.9)
+        loss = opt.step(closure)   # closure: forward, loss.backward(), return loss
+
+    ``step`` returns the loss at the perturbed weights (the only one computed).
+    """
+
+    def __init__(self, params: Any, base_optimizer: BaseOptimizer, sigma: float = 0.01, **kwargs: Any) -> None:
+        check_range("sigma", sigma, 0.0, float("inf"), high_open=True)
+        defaults = {"sigma": sigma, **kwargs.pop("method_defaults", {})}
+        super().__init__(params, base_optimizer, defaults, **kwargs)
+
+    def _check_group(self, group: Dict[str, Any]) -> None:
+        check_range("sigma", group["sigma"], 0.0, float("inf"), high_open=True)
+
+    def _noise_scale(self, p: Tensor, group: Dict[str, Any]) -> Tensor:
+        """``σ · s(W)``, broadcastable over ``p`` (ARWP shrinks it further)."""
+        return filter_norms(p.detach()).mul_(group["sigma"])
+
+    def _noise(self) -> Tuple[List[Tensor], Any]:
+        """The tensors to perturb and a reproducible source of their noise ``ε``."""
+        params, scales = [], []
+        for group in self.param_groups:
+            if group["sigma"] == 0:
+                continue
+            for p in group["params"]:
+                if p.requires_grad:
+                    params.append(p)
+                    scales.append(self._noise_scale(p, group))
+        return params, gaussian_deltas(params, scales, self.generator)
+
+    def _perturbed_stats(self) -> Optional[Any]:
+        """Statistics of the perturbed gradient now in ``.grad`` that the state needs (ARWP)."""
+        return None
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Closure] = None) -> Any:  # type: ignore[override]
+        """One update: perturb, ``closure()`` at ``w + ε``, restore ``w``, base step with that gradient."""
+        if closure is None:
+            self._call(None)
+        self.zero_grad(set_to_none=True)
+        params, deltas = self._noise()
+        with shifted_weights(params, deltas, exact=self.exact_restore):
+            loss = self._call(closure)
+        self._update(self._perturbed_stats())
+        return loss

@@ -1,0 +1,83 @@
+"""SAM (Foret et al., ICLR 2021) and ASAM (Kwon et al., ICML 2021): the adversarial baselines,
+two gradients per update on the same batch.
+
+    g0 = ∇L(w; B)
+    ε  = ρ · g0 / ||g0||              SAM    (one norm over all tensors together)
+    ε  = ρ · T² g0 / ||T g0||         ASAM   (T = |w| elementwise)
+    g  = ∇L(w + ε; B);   w ← base_step(w, g) at the unperturbed w
+
+``ρ`` (``rho``) is the radius of the ascent step. The only buffer is ``ε`` itself, built in place in
+the memory of ``g0`` (which is no longer needed once ``ε`` exists). Running statistics are updated
+in the first pass only.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Optional
+
+import torch
+
+from ..norm_stats import frozen_norm_stats
+from ..perturb import shifted_weights
+from .base import BaseOptimizer, Closure, WrappedOptimizer, check_range, global_norm
+
+
+class SAM(WrappedOptimizer):
+    """Sharpness-aware minimisation around any base optimizer; ``adaptive=True`` is ASAM.
+
+    Example::
+
+        opt = flatmin.SAM(model.parameters(), torch.optim.SGD, model=model, rho=0.05,
+                          lr=0.1, momentum=0.9)
+        loss = opt.step(closure)   # closure runs twice on the same batch
+
+    ``step`` returns the loss at the unperturbed weights (the first pass).
+    """
+
+    grads_per_step = 2
+
+    def __init__(
+        self, params: Any, base_optimizer: BaseOptimizer, rho: float = 0.05, adaptive: bool = False, **kwargs: Any
+    ) -> None:
+        check_range("rho", rho, 0.0, float("inf"), high_open=True)
+        super().__init__(params, base_optimizer, {"rho": rho, "adaptive": bool(adaptive)}, **kwargs)
+
+    def _check_group(self, group: Dict[str, Any]) -> None:
+        check_range("rho", group["rho"], 0.0, float("inf"), high_open=True)
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Closure] = None) -> Any:  # type: ignore[override]
+        """One update: ``closure()`` at ``w``, ascend to ``w + ε``, ``closure()`` there, restore, base step."""
+        if closure is None:
+            self._call(None)
+        self.zero_grad(set_to_none=True)
+        loss = self._call(closure)
+        per_group = []
+        for group in self.param_groups:
+            group_params = [p for p in group["params"] if p.grad is not None]
+            group_eps = [p.grad for p in group_params]
+            if group["adaptive"] and group_eps:
+                torch._foreach_mul_(group_eps, group_params)  # T g0 = |w| ⊙ g0, up to sign
+            per_group.append((group, group_params, group_eps))
+        params = [p for _, group_params, _ in per_group for p in group_params]
+        eps = [e for _, _, group_eps in per_group for e in group_eps]
+        if not params:
+            self._update()
+            return loss
+        # One norm over all tensors: ||g0|| for SAM, ||T g0|| for ASAM (the sign of w does not matter).
+        norm = float(global_norm(eps))
+        if not math.isfinite(norm):
+            self._update()  # .grad still holds the non-finite g0 (times |w|): the update is skipped
+            return loss
+        for group, group_params, group_eps in per_group:
+            if group["adaptive"] and group_eps:
+                torch._foreach_mul_(group_eps, group_params)  # T² g0 = w² ⊙ g0
+            if group_eps:
+                torch._foreach_mul_(group_eps, group["rho"] / max(norm, 1e-12))
+        for p in params:
+            p.grad = None
+        with frozen_norm_stats(self.model), shifted_weights(params, lambda: iter(eps), exact=self.exact_restore):
+            self._call(closure)
+        del eps
+        self._update()
+        return loss

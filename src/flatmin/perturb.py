@@ -1,0 +1,102 @@
+"""Perturbation primitives shared by every method: filter-wise scales, Gaussian draws and
+shifting the weights in place with a guaranteed way back.
+
+Notation (SPEC.md): a trainable tensor ``W``; its filter-wise scale ``s(W)`` is
+
+* ``s_i = ||W_i||_2`` for slice ``i`` along dim 0 when ``W.ndim >= 2`` (one output filter or neuron),
+* ``s = ||W||_2`` for the whole tensor when ``W.ndim <= 1`` (biases, normalisation affines),
+
+floored at ``1e-16`` so that an all-zero tensor is perturbed by 0 rather than NaN.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+SCALE_FLOOR = 1e-16
+
+
+def is_filterwise(w: Tensor) -> bool:
+    """Whether ``w`` is scaled per slice along dim 0 (``ndim >= 2``) or as one tensor."""
+    return w.ndim >= 2
+
+
+def filter_view(v: Tensor, w: Tensor) -> Tensor:
+    """Reshape a per-filter vector ``v`` (length ``w.shape[0]``) to broadcast over ``w``'s slices."""
+    return v.view(-1, *([1] * (w.ndim - 1)))
+
+
+def filter_norms(w: Tensor) -> Tensor:
+    """``s(W)`` broadcastable against ``W``: shape ``(out, 1, ..., 1)`` for ``ndim >= 2``, 0-d otherwise."""
+    if is_filterwise(w):
+        s = torch.linalg.vector_norm(w.reshape(w.shape[0], -1), dim=1)
+        return filter_view(s, w).clamp_min(SCALE_FLOOR)
+    return torch.linalg.vector_norm(w).clamp_min(SCALE_FLOOR)
+
+
+def filter_sq_sums(g: Tensor) -> Tensor:
+    """``Σ_{j in slice i} g_j²`` per filter (shape ``(out,)``) for ``ndim >= 2``; ``g²`` elementwise otherwise.
+
+    This is the per-filter statistic ARWP keeps: ``F_i = Σ_j M_j`` is linear in ``M``, so an EMA of
+    these sums equals the per-filter sum of the elementwise EMA ``M`` (one number per filter).
+    """
+    if is_filterwise(g):
+        # vector_norm reduces without materialising g², keeping the transient memory at zero.
+        return torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1, dtype=torch.float32).square_()
+    return g.float().square()
+
+
+def gaussian_draw(shape: torch.Size, generator: torch.Generator, like: Tensor) -> Tensor:
+    """``z ~ N(0, I)`` of ``shape`` from ``generator``, returned with ``like``'s dtype and device."""
+    z = torch.randn(shape, generator=generator, device=generator.device, dtype=like.dtype)
+    return z if z.device == like.device else z.to(like.device)
+
+
+def gaussian_deltas(
+    params: Sequence[Tensor], scales: Sequence[Tensor], generator: torch.Generator
+) -> Callable[[], Iterator[Tensor]]:
+    """Deltas ``ε = scale ⊙ z`` with ``z ~ N(0, I)``, reproducible on demand.
+
+    The returned function rewinds ``generator`` to its current state and yields the same ``ε``
+    tensors, one at a time, every time it is called. Calling it twice (apply, then undo) costs a
+    second draw instead of a stored copy of the noise.
+    """
+    start = generator.get_state()
+
+    def deltas() -> Iterator[Tensor]:
+        generator.set_state(start)
+        for p, scale in zip(params, scales):
+            yield gaussian_draw(p.shape, generator, p).mul_(scale)
+
+    return deltas
+
+
+@contextmanager
+def shifted_weights(
+    params: Sequence[Tensor], deltas: Callable[[], Iterable[Tensor]], exact: bool = False
+) -> Iterator[None]:
+    """Inside the block ``w ← w + δ`` for every tensor; on exit, also on an exception, ``w`` comes back.
+
+    The way back subtracts the same ``δ`` produced again by ``deltas()`` (no copy of the weights is
+    kept; the result is ``w`` up to a few ulp of rounding) or, with ``exact=True``, copies back a
+    snapshot of the weights taken before the shift (bit-exact, one copy of the weights).
+    """
+    snapshot = [p.detach().clone() for p in params] if exact else None
+    shifted = 0
+    try:
+        with torch.no_grad():
+            for p, delta in zip(params, deltas()):
+                p.add_(delta)
+                shifted += 1
+        yield
+    finally:
+        with torch.no_grad():
+            if snapshot is not None:
+                for p, saved in zip(params[:shifted], snapshot):
+                    p.copy_(saved)
+            else:
+                for p, delta in zip(params[:shifted], deltas()):
+                    p.sub_(delta)
