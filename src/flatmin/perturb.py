@@ -43,10 +43,11 @@ def filter_sq_sums(g: Tensor) -> Tensor:
     This is the per-filter statistic ARWP keeps: ``F_i = Σ_j M_j`` is linear in ``M``, so an EMA of
     these sums equals the per-filter sum of the elementwise EMA ``M`` (one number per filter).
     """
+    dtype = torch.promote_types(g.dtype, torch.float32)  # at least float32, float64 stays float64
     if is_filterwise(g):
         # vector_norm reduces without materialising g², keeping the transient memory at zero.
-        return torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1, dtype=torch.float32).square_()
-    return g.float().square()
+        return torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1, dtype=dtype).square_()
+    return g.to(dtype).square()
 
 
 def gaussian_draw(shape: torch.Size, generator: torch.Generator, like: Tensor) -> Tensor:

@@ -38,10 +38,12 @@ def check_range(
 
 
 def global_norm(tensors: Sequence[Tensor]) -> Tensor:
-    """``sqrt(Σ_t ||t||²)`` over all tensors, in float32 (inf or NaN if any element is)."""
+    """``sqrt(Σ_t ||t||²)`` over all tensors, in at least float32 (inf or NaN if any element is)."""
     if not tensors:
         return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(list(tensors))]))
+    norms = torch._foreach_norm(list(tensors))
+    dtype = torch.promote_types(norms[0].dtype, torch.float32)
+    return torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms]))
 
 
 def _first_device(params: Iterable[Any]) -> torch.device:
