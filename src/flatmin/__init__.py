@@ -5,9 +5,10 @@ Layers, each importing only from those above it in this list:
 ``perturb``/``norm_stats`` (primitives) → ``optim`` (methods) → ``data``/``models`` → ``train`` →
 ``analysis`` → ``cli``.
 """
+from .losses import NRSLoss
 from .norm_stats import frozen_norm_stats
 from .optim import ARWP, MARWP, METHODS, MRWP, RWP, SAM, CosineIncSigma, create
 
 __version__ = "0.1.0"
 
-__all__ = ["ARWP", "MARWP", "METHODS", "MRWP", "RWP", "SAM", "CosineIncSigma", "create", "frozen_norm_stats"]
+__all__ = ["ARWP", "MARWP", "METHODS", "MRWP", "NRSLoss", "RWP", "SAM", "CosineIncSigma", "create", "frozen_norm_stats"]
