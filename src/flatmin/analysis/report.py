@@ -1,0 +1,75 @@
+"""Running a chosen set of analyses in one go: the numbers to ``analysis.json``, the pictures to PNGs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple, Union
+
+from torch import nn
+
+from . import plots
+from .evaluation import Batch, LossFn, materialize
+from .hessian import hessian_density, hessian_eigenvalues, hessian_trace
+from .landscape import landscape_1d, landscape_2d
+from .radius import loss_vs_radius
+
+# name → (analysis, plot or None). Each analysis takes (model, loss_fn, batches, seed=, progress=, **options).
+PARTS: Dict[str, Tuple[Callable[..., Any], Optional[Callable[..., Any]]]] = {
+    "eigenvalues": (hessian_eigenvalues, None),
+    "trace": (hessian_trace, None),
+    "density": (hessian_density, plots.plot_density),
+    "landscape_1d": (landscape_1d, plots.plot_landscape_1d),
+    "landscape_2d": (landscape_2d, plots.plot_landscape_2d),
+    "radius": (loss_vs_radius, plots.plot_loss_vs_radius),
+}
+GROUPS = {
+    "hessian": ("eigenvalues", "trace", "density"),
+    "landscape": ("landscape_1d", "landscape_2d"),
+}
+
+
+def analyze(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Iterable[Batch],
+    what: Sequence[str] = ("hessian", "landscape", "radius"),
+    out_dir: Union[str, Path] = "analysis",
+    seed: int = 0,
+    *,
+    progress: bool = False,
+    **options: Optional[Dict[str, Any]],
+) -> Dict[str, Any]:
+    """Run the analyses named in ``what``, write ``analysis.json`` and one PNG per plot into
+    ``out_dir``, and return the same dict: a key per part, ``seed`` and ``plots`` (name → PNG path).
+
+    ``what`` holds groups (``hessian`` = eigenvalues, trace, density; ``landscape`` = 1-D and 2-D
+    slices; ``radius``) or single parts (``eigenvalues``, ``trace``, ``density``, ``landscape_1d``,
+    ``landscape_2d``, ``radius``). ``options`` are keyword arguments per part, e.g.
+    ``analyze(..., eigenvalues={"k": 5}, radius={"adversarial": True})``.
+    Every part gets the same ``seed`` and ``progress``.
+    """
+    parts = []
+    for name in what:
+        if name not in GROUPS and name not in PARTS:
+            raise ValueError(f"unknown analysis {name!r}; choose from {sorted([*GROUPS, *PARTS])}")
+        parts += [p for p in GROUPS.get(name, (name,)) if p not in parts]
+    unknown = set(options) - set(PARTS)
+    if unknown:
+        raise TypeError(f"options for unknown analyses: {sorted(unknown)}")
+    batches = materialize(batches)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result: Dict[str, Any] = {"seed": seed}
+    written = {}
+    for name in parts:
+        run, plot = PARTS[name]
+        value = run(model, loss_fn, batches, seed=seed, progress=progress, **(options.get(name) or {}))
+        if name == "trace":
+            value = {"estimate": value[0], "stderr": value[1]}
+        result[name] = value
+        if plot is not None:
+            written[name] = str(plot(value, out / f"{name}.png"))
+    result["plots"] = written
+    with open(out / "analysis.json", "w") as f:
+        json.dump(result, f, indent=1)
+    return result
