@@ -1,0 +1,161 @@
+"""The configuration of one training run: every knob, its default and its check.
+
+A run is described by a ``TrainConfig``; the command line and YAML files only fill it in. Method
+hyperparameters left at ``None`` take the method's default from ``METHOD_DEFAULTS`` (chosen on a
+validation split of the bundled data sets, see the README).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import yaml
+
+from ..optim import METHODS
+from ..optim.base import check_range
+
+# Method hyperparameters used when the run does not set them. ``sigma_inc`` is the CosineInc
+# growth of σ over the run (SPEC.md): 0 keeps σ constant.
+METHOD_DEFAULTS: Dict[str, Dict[str, float]] = {
+    "sgd": {},
+    "sam": {"rho": 0.05},
+    "asam": {"rho": 0.5},
+    "rwp": {"sigma": 0.01, "sigma_inc": 0.0},
+    "arwp": {"sigma": 0.001, "sigma_inc": 10.0, "eta": 0.1, "beta": 0.99},
+    "m-rwp": {"sigma": 0.015, "sigma_inc": 0.0, "lam": 0.5},
+    "m-arwp": {"sigma": 0.015, "sigma_inc": 0.0, "lam": 0.5, "eta": 0.1, "beta": 0.99},
+}
+METHOD_HPARAMS = ("sigma", "sigma_inc", "lam", "eta", "beta", "rho")
+# The only settings a resumed run may change: where and how it runs, and how long.
+RESUMABLE_CHANGES = ("epochs", "device", "out", "progress", "threads", "num_workers", "data_dir", "eval_batch_size")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; its message names the value and what is allowed."""
+
+
+@dataclass
+class TrainConfig:
+    data: str = field(default="digits", metadata={"help": "data set: digits, mnist1d, cifar10, cifar100, imagefolder"})
+    data_dir: Optional[str] = field(default=None, metadata={"help": "folder holding the data files (CIFAR, imagefolder) or the cache"})
+    model: str = field(default="mlp", metadata={"help": "model: mlp, cnn, resnet18, vgg16bn, wrn28-10, wrn16-8, resnet18-imagenet, resnet50-imagenet"})
+    method: str = field(default="arwp", metadata={"help": "method: " + ", ".join(METHODS)})
+    base: str = field(default="sgd", metadata={"help": "base optimizer: sgd, adamw, adam"})
+    epochs: int = field(default=60, metadata={"help": "epochs of data (the mixed methods make half as many updates per epoch)"})
+    batch_size: int = field(default=64, metadata={"help": "mini-batch size"})
+    eval_batch_size: int = field(default=1024, metadata={"help": "batch size for evaluation"})
+    lr: float = field(default=0.05, metadata={"help": "peak learning rate (cosine decay per update)"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
+    weight_decay: float = field(default=5e-4, metadata={"help": "weight decay of the base optimizer"})
+    warmup_epochs: float = field(default=0.0, metadata={"help": "linear learning-rate warm-up, in epochs"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing of the cross-entropy"})
+    clip: Optional[float] = field(default=None, metadata={"help": "clip the update's gradient to this 2-norm"})
+    sigma: Optional[float] = field(default=None, metadata={"help": "RWP-family noise radius σ (method default if unset)"})
+    sigma_inc: Optional[float] = field(default=None, metadata={"help": "CosineInc growth of σ: final σ = (1+inc)·σ"})
+    lam: Optional[float] = field(default=None, metadata={"help": "m-(A)RWP weight λ of the perturbed term"})
+    eta: Optional[float] = field(default=None, metadata={"help": "ARWP η"})
+    beta: Optional[float] = field(default=None, metadata={"help": "ARWP β"})
+    rho: Optional[float] = field(default=None, metadata={"help": "SAM/ASAM radius ρ"})
+    same_batch: bool = field(default=False, metadata={"help": "mixed methods: use one batch for both terms instead of two"})
+    seed: int = field(default=0, metadata={"help": "seed of initialisation, data order, augmentation and noise"})
+    val_fraction: float = field(default=0.0, metadata={"help": "hold out this fraction of TRAIN as a validation split"})
+    cutout: int = field(default=0, metadata={"help": "CIFAR Cutout square size (0: off)"})
+    num_workers: int = field(default=0, metadata={"help": "data-loading workers (imagefolder)"})
+    device: str = field(default="cpu", metadata={"help": "cpu, cuda or cuda:N"})
+    amp: Optional[str] = field(default=None, metadata={"help": "mixed precision: bf16 or fp16"})
+    threads: Optional[int] = field(default=None, metadata={"help": "CPU threads for torch (default: torch's)"})
+    out: str = field(default="runs/train", metadata={"help": "output folder: metrics.jsonl, summary.json, checkpoint.pt"})
+    progress: str = field(default="auto", metadata={"help": "auto (bar on a terminal, log lines otherwise), bar, log, none"})
+
+    def hparams(self) -> Dict[str, float]:
+        """The method's hyperparameters with its defaults filled in."""
+        values = dict(METHOD_DEFAULTS[self.method])
+        for name in METHOD_HPARAMS:
+            given = getattr(self, name)
+            if given is not None:
+                values[name] = given
+        return values
+
+    def validate(self) -> "TrainConfig":
+        from ..data import DATASETS
+        from ..models import MODELS
+
+        choice("data", self.data, DATASETS)
+        choice("model", self.model, MODELS)
+        choice("method", self.method, METHODS)
+        choice("base", self.base, ("sgd", "adamw", "adam"))
+        choice("progress", self.progress, ("auto", "bar", "log", "none"))
+        if self.amp is not None:
+            choice("amp", self.amp, ("bf16", "fp16"))
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            positive_int(name, getattr(self, name))
+        if self.threads is not None:
+            positive_int("threads", self.threads)
+        if self.num_workers < 0:
+            raise ConfigError(f"num_workers={self.num_workers} is not allowed: it must be >= 0")
+        if self.cutout < 0:
+            raise ConfigError(f"cutout={self.cutout} is not allowed: it must be >= 0")
+        check_range("lr", self.lr, 0.0, math.inf, low_open=True)
+        check_range("momentum", self.momentum, 0.0, 1.0, high_open=True)
+        check_range("weight_decay", self.weight_decay, 0.0, math.inf)
+        check_range("warmup_epochs", self.warmup_epochs, 0.0, float(self.epochs))
+        check_range("label_smoothing", self.label_smoothing, 0.0, 1.0, high_open=True)
+        check_range("val_fraction", self.val_fraction, 0.0, 1.0, high_open=True)
+        if self.clip is not None:
+            check_range("clip", self.clip, 0.0, math.inf, low_open=True)
+        allowed = set(METHOD_DEFAULTS[self.method])
+        for name in METHOD_HPARAMS:
+            if getattr(self, name) is not None and name not in allowed:
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} does not apply to method {self.method!r} "
+                    f"(its hyperparameters: {', '.join(sorted(allowed)) or 'none'})"
+                )
+        hp = self.hparams()
+        if "sigma_inc" in hp:
+            check_range("sigma_inc", hp["sigma_inc"], 0.0, math.inf)
+        if self.device != "cpu" and not (self.device == "cuda" or self.device.startswith("cuda:")):
+            raise ConfigError(f"device={self.device!r} is not allowed: use cpu, cuda or cuda:N")
+        return self
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any], where: str = "config") -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        clean = {}
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name not in names:
+                raise ConfigError(f"{where}: unknown setting {key!r}; known settings: {', '.join(sorted(names))}")
+            clean[name] = value
+        return cls(**clean)
+
+
+def load_yaml(path: str) -> Dict[str, Any]:
+    """The settings of a YAML run file (a mapping of setting names to values)."""
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    try:
+        values = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings, not {type(values).__name__}")
+    return values
+
+
+def choice(name: str, value: Any, allowed: Any) -> None:
+    if value not in allowed:
+        raise ConfigError(f"unknown {name} {value!r}: choose one of {', '.join(map(str, allowed))}")
+
+
+def positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name}={value!r} is not allowed: it must be an integer >= 1")
+

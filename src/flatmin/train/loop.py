@@ -1,0 +1,299 @@
+"""The training loop: one run of one method on one data set and model, start to summary.
+
+Per update: the method's step (one batch, or two consecutive batches for the mixed methods),
+then the cosine learning rate and the σ schedule advance. Per epoch: evaluation, one line in
+``metrics.jsonl`` and an atomic checkpoint holding everything a resumed run needs to end on the
+same weights as an uninterrupted one: model, optimizer (with its noise generator and ARWP
+statistics), schedulers, the grad scaler, the global RNG state and the epoch (the data order and
+augmentation of an epoch are functions of the seed and the epoch alone).
+"""
+from __future__ import annotations
+
+import json
+import math
+import platform
+import resource
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import __version__
+from ..data import load_dataset, make_loaders
+from ..models import create_model
+from ..optim import CosineIncSigma, create
+from ..optim.base import WrappedOptimizer
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .config import RESUMABLE_CHANGES, ConfigError, TrainConfig
+from .progress import Progress
+
+Batch = Tuple[Tensor, Tensor]
+
+
+def cosine_with_warmup(total_updates: int, warmup_updates: int) -> Callable[[int], float]:
+    """Learning-rate factor per update: linear warm-up to 1, then ``(1 + cos(π·t/T))/2`` to 0."""
+
+    def factor(step: int) -> float:
+        if step < warmup_updates:
+            return (step + 1) / warmup_updates
+        progress = (step - warmup_updates) / max(1, total_updates - warmup_updates)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Any, amp: Callable[[], Any]) -> Tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` in eval mode over ``loader``."""
+    was_training = model.training
+    model.eval()
+    total_loss = torch.zeros((), dtype=torch.float64)
+    correct = torch.zeros((), dtype=torch.int64)
+    count = 0
+    try:
+        for x, y in loader:
+            with amp():
+                out = model(x)
+            total_loss += F.cross_entropy(out.float(), y, reduction="sum").double().cpu()
+            correct += (out.argmax(1) == y).sum().cpu()
+            count += len(y)
+    finally:
+        model.train(was_training)
+    return float(total_loss) / max(count, 1), float(correct) / max(count, 1)
+
+
+def _resolve_device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} was asked for, but torch sees no CUDA device here: use --device cpu")
+    return device
+
+
+def _amp_context(cfg: TrainConfig, device: torch.device) -> Callable[[], Any]:
+    if cfg.amp is None:
+        return nullcontext
+    dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+class Trainer:
+    """Everything one run holds; ``run()`` trains it to the end and returns the summary."""
+
+    def __init__(self, cfg: TrainConfig, resume: Optional[str] = None) -> None:
+        self.cfg = cfg.validate()
+        checkpoint = None
+        if resume is not None:
+            checkpoint = load_checkpoint(resume)
+            self._check_compatible(checkpoint["config"], resume)
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
+        self.device = _resolve_device(cfg.device)
+        self.out = Path(cfg.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.seed)
+
+        self.dataset = load_dataset(cfg.data, data_dir=cfg.data_dir, val_fraction=cfg.val_fraction,
+                                    seed=0, cutout=cfg.cutout)
+        self.train_loader, self.eval_loaders = make_loaders(
+            self.dataset, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
+            device=self.device, seed=cfg.seed, num_workers=cfg.num_workers)
+        self.model = create_model(cfg.model, self.dataset.num_classes, self.dataset.input_shape).to(self.device)
+        self.amp = _amp_context(cfg, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.amp == "fp16" else None
+
+        hp = cfg.hparams()
+        self.sigma_inc = hp.pop("sigma_inc", None)
+        base_kwargs: Dict[str, Any] = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
+        if cfg.base == "sgd":
+            base_kwargs["momentum"] = cfg.momentum
+        if cfg.method != "sgd":
+            hp.update(seed=cfg.seed, grad_scaler=self.scaler, max_grad_norm=cfg.clip)
+        self.optimizer = create(cfg.method, self.model, base=cfg.base, **base_kwargs, **hp)
+        self.wrapped = isinstance(self.optimizer, WrappedOptimizer)
+        batches_per_update = getattr(self.optimizer, "batches_per_step", 1)
+        self.pairs = batches_per_update == 2 and not cfg.same_batch
+        self.updates_per_epoch = len(self.train_loader) // (2 if self.pairs else 1)
+        if self.updates_per_epoch < 1:
+            raise ConfigError(f"batch_size={cfg.batch_size} leaves no update per epoch on {cfg.data}: use a smaller batch")
+        self.grads_per_update = getattr(self.optimizer, "grads_per_step", 1)
+        self.total_updates = self.updates_per_epoch * cfg.epochs
+        warmup = int(round(cfg.warmup_epochs * self.updates_per_epoch))
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, cosine_with_warmup(self.total_updates, warmup))
+        self.sigma_schedule = (CosineIncSigma(self.optimizer, self.total_updates, inc=self.sigma_inc)
+                               if self.sigma_inc is not None else None)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+        self.epoch = 0
+        self.train_time = 0.0
+        self.history: List[Dict[str, Any]] = []
+        if checkpoint is not None:
+            self._restore(checkpoint, resume)
+
+    # ------------------------------------------------------------------ resume
+    def _check_compatible(self, saved: Dict[str, Any], where: str) -> None:
+        changed = [f"{k} (checkpoint: {saved.get(k)!r}, now: {v!r})"
+                   for k, v in self.cfg.to_dict().items() if k not in RESUMABLE_CHANGES and saved.get(k) != v]
+        if changed:
+            raise CheckpointError(f"checkpoint {where} was written for another run: " + "; ".join(changed))
+
+    def _restore(self, ckpt: Dict[str, Any], where: str) -> None:
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.lr_schedule.load_state_dict(ckpt["lr_schedule"])
+            if self.sigma_schedule is not None:
+                self.sigma_schedule.load_state_dict(ckpt["sigma_schedule"])
+            if self.scaler is not None and ckpt.get("scaler"):
+                self.scaler.load_state_dict(ckpt["scaler"])
+        except (RuntimeError, KeyError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CheckpointError(f"checkpoint {where} does not fit this model/optimizer: {first}") from None
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if self.device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
+        self.epoch = int(ckpt["epoch"])
+        self.train_time = float(ckpt["train_time"])
+        self.history = list(ckpt["history"])
+        # metrics.jsonl restarts from what the checkpoint knew: no rows of a lost epoch remain.
+        with open(self.out / "metrics.jsonl", "w") as handle:
+            for row in self.history:
+                handle.write(json.dumps(row) + "\n")
+
+    def _checkpoint(self) -> None:
+        rng = {"torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+        save_checkpoint(self.out / "checkpoint.pt", {
+            "config": self.cfg.to_dict(),
+            "epoch": self.epoch,
+            "train_time": self.train_time,
+            "history": self.history,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_schedule": self.lr_schedule.state_dict(),
+            "sigma_schedule": self.sigma_schedule.state_dict() if self.sigma_schedule else None,
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "rng": rng,
+        })
+
+    # ------------------------------------------------------------------ training
+    def _closure(self, x: Tensor, y: Tensor) -> Callable[[], Tensor]:
+        def closure() -> Tensor:
+            with self.amp():
+                loss = self.criterion(self.model(x), y)
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            return loss.detach()
+        return closure
+
+    def _update(self, batches: Sequence[Batch]) -> Tensor:
+        """One update of the method from one or two batches; returns the step's loss."""
+        closures = [self._closure(x, y) for x, y in batches]
+        if self.wrapped:
+            return self.optimizer.step(*closures)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = closures[0]()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.cfg.clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+        else:
+            self.optimizer.step()
+        return loss
+
+    def _batches(self) -> Any:
+        it = iter(self.train_loader)
+        return zip(it, it) if self.pairs else ((b,) for b in it)
+
+    def _train_epoch(self, progress: Progress) -> Dict[str, Any]:
+        self.train_loader.set_epoch(self.epoch)
+        self.model.train()
+        progress.start_epoch(self.epoch, self.cfg.epochs, self.updates_per_epoch)
+        loss_sum = torch.zeros((), device=self.device)
+        samples = updates = 0
+        start = time.perf_counter()
+        for batches in self._batches():
+            loss = self._update(batches)
+            self.lr_schedule.step()
+            if self.sigma_schedule is not None:
+                self.sigma_schedule.step()
+            loss_sum += loss.float()
+            samples += sum(len(y) for _, y in batches)
+            updates += 1
+            if updates % 10 == 0 or updates == self.updates_per_epoch:
+                progress.update(10 if updates % 10 == 0 else updates % 10, loss=float(loss),
+                                lr=self.optimizer.param_groups[0]["lr"])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = time.perf_counter() - start
+        self.train_time += elapsed
+        return {"step_loss": float(loss_sum) / max(updates, 1), "updates": updates, "samples": samples,
+                "epoch_time_s": elapsed, "samples_per_s": samples / elapsed if elapsed > 0 else None}
+
+    def run(self) -> Dict[str, Any]:
+        cfg = self.cfg
+        progress = Progress(cfg.progress)
+        wall_start = time.perf_counter()
+        metrics = open(self.out / "metrics.jsonl", "a")
+        try:
+            while self.epoch < cfg.epochs:
+                stats = self._train_epoch(progress)
+                self.epoch += 1
+                row: Dict[str, Any] = {"epoch": self.epoch, "epochs": cfg.epochs, **stats,
+                                       "train_time_s": self.train_time,
+                                       "lr": self.optimizer.param_groups[0]["lr"],
+                                       "sigma": self.optimizer.param_groups[0].get("sigma")}
+                for split, loader in self.eval_loaders.items():
+                    if split == "train":
+                        continue
+                    row[f"{split}_loss"], row[f"{split}_acc"] = evaluate(self.model, loader, self.amp)
+                self.history.append(row)
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+                self._checkpoint()
+                progress.end_epoch(row)
+        finally:
+            metrics.close()
+        summary = self._summary(time.perf_counter() - wall_start)
+        tmp = self.out / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2))
+        tmp.replace(self.out / "summary.json")
+        return summary
+
+    def _summary(self, wall_time: float) -> Dict[str, Any]:
+        cfg = self.cfg
+        result: Dict[str, Any] = {
+            "config": cfg.to_dict(),
+            "hparams": cfg.hparams(),
+            "versions": {"flatmin": __version__, "torch": torch.__version__, "python": platform.python_version()},
+            "seed": cfg.seed,
+            "method": cfg.method,
+            "epochs": cfg.epochs,
+            "updates": self.total_updates,
+            "grad_evals": self.total_updates * self.grads_per_update,
+            "samples_seen": sum(row["samples"] for row in self.history),
+            "train_time_s": self.train_time,
+            "wall_time_s": wall_time,
+        }
+        for split, loader in self.eval_loaders.items():
+            result[f"{split}_loss"], result[f"{split}_acc"] = evaluate(self.model, loader, self.amp)
+        if "train_acc" in result and "test_acc" in result:
+            result["gap"] = result["train_acc"] - result["test_acc"]
+        if self.wrapped:
+            result["skipped_steps"] = self.optimizer.skipped_steps
+        if self.device.type == "cuda":
+            result["peak_memory_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            result["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS, KiB
+        result["history"] = self.history
+        return result
+
+
+def train(cfg: TrainConfig, resume: Optional[str] = None) -> Dict[str, Any]:
+    """Train one run described by ``cfg`` (optionally resumed from a checkpoint); returns the summary."""
+    return Trainer(cfg, resume=resume).run()

@@ -1,0 +1,179 @@
+"""The training loop, checkpoints and resume, the comparison and the command line."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from flatmin.cli import main
+from flatmin.train import TrainConfig, Trainer, compare, train
+from flatmin.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+QUICK = dict(data="digits", model="mlp", epochs=3, batch_size=128, progress="none")
+
+
+def cfg_for(tmp_path, **kw):
+    return TrainConfig(**{**QUICK, "out": str(tmp_path / "run"), **kw})
+
+
+def test_train_writes_metrics_summary_and_checkpoint(tmp_path):
+    summary = train(cfg_for(tmp_path, method="m-arwp"))
+    run = tmp_path / "run"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    on_disk = json.loads((run / "summary.json").read_text())
+    assert on_disk["test_acc"] == summary["test_acc"] and 0.5 < summary["test_acc"] <= 1.0
+    # The mixed method takes two batches per update: half the updates, two gradients each.
+    batches = -(-1347 // 128)
+    assert summary["updates"] == 3 * (batches // 2)
+    assert summary["grad_evals"] == 2 * summary["updates"]
+    assert summary["gap"] == pytest.approx(summary["train_acc"] - summary["test_acc"])
+    for key in ("config", "versions", "seed", "train_loss", "train_time_s", "wall_time_s", "peak_memory_mb"):
+        assert key in summary
+    assert load_checkpoint(run)["epoch"] == 3
+
+
+def test_budget_of_each_method(tmp_path):
+    batches = -(-1347 // 128)
+    for method, updates, grads in [("sgd", batches, 1), ("rwp", batches, 1), ("sam", batches, 2),
+                                   ("m-rwp", batches // 2, 2)]:
+        s = train(cfg_for(tmp_path, method=method, epochs=1, out=str(tmp_path / method)))
+        assert (s["updates"], s["grad_evals"]) == (updates, updates * grads), method
+
+
+def test_same_seed_gives_identical_runs(tmp_path):
+    a = train(cfg_for(tmp_path, method="arwp", out=str(tmp_path / "a")))
+    b = train(cfg_for(tmp_path, method="arwp", out=str(tmp_path / "b")))
+    assert a["test_acc"] == b["test_acc"] and a["train_loss"] == b["train_loss"]
+    wa, wb = load_checkpoint(tmp_path / "a")["model"], load_checkpoint(tmp_path / "b")["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+class Interrupt(Trainer):
+    """Ctrl-C after ``stop_after`` updates of the run."""
+
+    stop_after = 0
+
+    def _update(self, batches):
+        Interrupt.stop_after -= 1
+        if Interrupt.stop_after < 0:
+            raise KeyboardInterrupt
+        return super()._update(batches)
+
+
+@pytest.mark.parametrize("method", ["arwp", "m-arwp", "sam"])
+def test_resume_after_ctrl_c_ends_on_the_same_weights(tmp_path, method):
+    kw = dict(method=method, epochs=4, lr=0.1, val_fraction=0.2)
+    train(cfg_for(tmp_path, out=str(tmp_path / "full"), **kw))
+    full = load_checkpoint(tmp_path / "full")
+
+    cfg = cfg_for(tmp_path, out=str(tmp_path / "cut"), **kw)
+    per_epoch = Trainer(cfg).updates_per_epoch
+    Interrupt.stop_after = 2 * per_epoch + 2  # in the middle of epoch 3
+    with pytest.raises(KeyboardInterrupt):
+        Interrupt(cfg).run()
+    assert load_checkpoint(tmp_path / "cut")["epoch"] == 2  # the last complete checkpoint survives
+    resumed = Trainer(cfg, resume=str(tmp_path / "cut")).run()
+    cut = load_checkpoint(tmp_path / "cut")
+    for k, v in full["model"].items():
+        assert torch.equal(v, cut["model"][k]), k
+    rows = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert resumed["test_acc"] == json.loads((tmp_path / "full" / "summary.json").read_text())["test_acc"]
+
+
+def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"epoch": 1})
+
+    def broken_save(obj, handle):
+        handle.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, {"epoch": 2})
+    monkeypatch.undo()
+    assert load_checkpoint(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_compare_writes_the_table_and_the_plot(tmp_path):
+    base = cfg_for(tmp_path, epochs=2, out=str(tmp_path / "cmp"))
+    rows = compare(base, ["sgd", "rwp", "m-rwp"], seeds=2, log=lambda *_: None)
+    assert [r["method"] for r in rows] == ["sgd", "rwp", "m-rwp"]
+    assert all(r["seeds"] == 2 for r in rows)
+    assert rows[0]["time_vs_sgd"] == pytest.approx(1.0)
+    out = tmp_path / "cmp"
+    md = (out / "results.md").read_text()
+    assert "m-rwp" in md and "±" in md
+    assert (out / "results.csv").read_text().startswith("method,")
+    assert (out / "accuracy_vs_time.png").stat().st_size > 1000
+    assert (out / "rwp" / "seed1" / "summary.json").exists()
+
+
+# ---------------------------------------------------------------- command line
+
+def run_cli(*args, capsys):
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--data", "imagenet"], "unknown data 'imagenet'"),
+        (["--model", "resnet9"], "unknown model 'resnet9'"),
+        (["--method", "adam"], "unknown method 'adam'"),
+        (["--lr", "-1"], "lr=-1.0"),
+        (["--lam", "0.5", "--method", "rwp"], "--lam does not apply to method 'rwp'"),
+        (["--method", "m-rwp", "--lam", "2"], "lam=2.0"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, needle):
+    code, _, err = run_cli("train", "--out", str(tmp_path / "x"), "--epochs", "1", *args, capsys=capsys)
+    assert code == 2
+    assert needle in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_missing_cifar_names_what_to_download(tmp_path, capsys):
+    code, _, err = run_cli("train", "--data", "cifar10", "--model", "resnet18", "--data-dir", str(tmp_path),
+                           "--out", str(tmp_path / "x"), capsys=capsys)
+    assert code == 2 and "cifar-10-python.tar.gz" in err and str(tmp_path) in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_corrupt_or_foreign_checkpoint_is_a_clear_error(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *sum([[f"--{k.replace('_', '-')}", str(v)] for k, v in QUICK.items()], []),
+                 "--epochs", "1", "--out", str(out)]) == 0
+    code, _, err = run_cli("train", "--resume", str(out / "checkpoint.pt"), "--model", "cnn", capsys=capsys)
+    assert code == 2 and "model (checkpoint: 'mlp', now: 'cnn')" in err
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    code, _, err = run_cli("train", "--resume", str(tmp_path / "bad.pt"), capsys=capsys)
+    assert code == 2 and "damaged" in err and len(err.strip().splitlines()) == 1
+
+
+def test_yaml_config_and_flag_override(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"data: digits\nmodel: mlp\nmethod: sgd\nepochs: 1\nbatch-size: 256\nout: {tmp_path / 'y'}\n"
+                      "progress: none\n")
+    code, out, _ = run_cli("train", "--config", str(config), "--method", "rwp", capsys=capsys)
+    assert code == 0
+    summary = json.loads((tmp_path / "y" / "summary.json").read_text())
+    assert summary["method"] == "rwp" and summary["config"]["batch_size"] == 256
+    config.write_text("epochs: 1\nlearning_rate: 0.1\n")
+    code, _, err = run_cli("train", "--config", str(config), capsys=capsys)
+    assert code == 2 and "unknown setting 'learning_rate'" in err
+
+
+def test_python_dash_m_help_documents_every_flag_with_its_default():
+    result = subprocess.run([sys.executable, "-m", "flatmin", "train", "--help"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0
+    for flag in ("--data", "--model", "--method", "--epochs", "--batch-size", "--lr", "--sigma", "--lam", "--eta",
+                 "--beta", "--rho", "--seed", "--out", "--resume", "--device", "--amp", "--config"):
+        assert flag in result.stdout, flag
+    assert "(default: digits)" in result.stdout and "(default: 60)" in result.stdout
