@@ -99,5 +99,6 @@ def shifted_weights(
                 for p, saved in zip(params[:shifted], snapshot):
                     p.copy_(saved)
             else:
+                # δ is the same rounded tensor both times, so (w + δ) − δ is w up to one rounding.
                 for p, delta in zip(params[:shifted], deltas()):
                     p.sub_(delta)

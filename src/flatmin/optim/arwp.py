@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Tuple
 
+import torch
 from torch import Tensor
 
 from ..perturb import filter_sq_sums, filter_view, is_filterwise
@@ -33,13 +34,19 @@ class AdaptiveNoise:
         check_range("eta", group["eta"], 0.0, float("inf"), high_open=True)
         check_range("beta", group["beta"], 0.0, 1.0, high_open=True)
 
-    def _noise_scale(self, p: Tensor, group: Dict[str, Any]) -> Tensor:
-        scale = super()._noise_scale(p, group)  # type: ignore[misc]
-        F = self.state[p].get("F")
-        if F is None:
-            return scale
-        shrink = F.mul(group["eta"]).add_(1.0).sqrt_().to(scale.dtype)
-        return scale / (filter_view(shrink, p) if is_filterwise(p) else shrink)
+    def _noise_scales(self, params: List[Tensor], group: Dict[str, Any]) -> List[Tensor]:
+        scales = super()._noise_scales(params, group)  # type: ignore[misc]
+        tracked = [i for i, p in enumerate(params) if "F" in self.state[p]]  # F = 0 (no shrink) until then
+        if not tracked:
+            return scales
+        shrink = torch._foreach_mul([self.state[params[i]]["F"] for i in tracked], group["eta"])
+        torch._foreach_add_(shrink, 1.0)
+        torch._foreach_rsqrt_(shrink)
+        for i, factor in zip(tracked, shrink):
+            p = params[i]
+            factor = factor.to(scales[i].dtype)
+            scales[i] = scales[i] * (filter_view(factor, p) if is_filterwise(p) else factor)
+        return scales
 
     def _perturbed_stats(self) -> List[Tuple[Tensor, Tensor, float]]:
         """Per-filter sums of the squared perturbed gradient now in ``.grad``, with each group's β."""

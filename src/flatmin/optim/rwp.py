@@ -38,20 +38,21 @@ class RWP(WrappedOptimizer):
     def _check_group(self, group: Dict[str, Any]) -> None:
         check_range("sigma", group["sigma"], 0.0, float("inf"), high_open=True)
 
-    def _noise_scale(self, p: Tensor, group: Dict[str, Any]) -> Tensor:
-        """``σ · s(W)``, broadcastable over ``p`` (ARWP shrinks it further)."""
-        return filter_norms(p.detach()).mul_(group["sigma"])
+    def _noise_scales(self, params: List[Tensor], group: Dict[str, Any]) -> List[Tensor]:
+        """``σ · s(W)`` for each tensor of ``group``, broadcastable over it (ARWP shrinks it further)."""
+        scales = [filter_norms(p.detach()) for p in params]
+        torch._foreach_mul_(scales, group["sigma"])
+        return scales
 
     def _noise(self) -> Tuple[List[Tensor], Any]:
         """The tensors to perturb and a reproducible source of their noise ``ε``."""
         params, scales = [], []
         for group in self.param_groups:
-            if group["sigma"] == 0:
+            group_params = [p for p in group["params"] if p.requires_grad]
+            if group["sigma"] == 0 or not group_params:
                 continue
-            for p in group["params"]:
-                if p.requires_grad:
-                    params.append(p)
-                    scales.append(self._noise_scale(p, group))
+            params += group_params
+            scales += self._noise_scales(group_params, group)
         return params, gaussian_deltas(params, scales, self.generator)
 
     def _perturbed_stats(self) -> Optional[Any]:
