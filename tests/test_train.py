@@ -177,3 +177,42 @@ def test_python_dash_m_help_documents_every_flag_with_its_default():
                  "--beta", "--rho", "--seed", "--out", "--resume", "--device", "--amp", "--config"):
         assert flag in result.stdout, flag
     assert "(default: digits)" in result.stdout and "(default: 60)" in result.stdout
+
+
+def test_nrs_trains_through_the_trainer_and_resumes_its_noise(tmp_path):
+    kw = dict(method="nrs", epochs=2, alpha=0.5, sigma=0.02)
+    summary = train(cfg_for(tmp_path, out=str(tmp_path / "a"), **kw))
+    assert summary["hparams"] == {"alpha": 0.5, "sigma": 0.02, "neighbour": "random", "divergence": "kl"}
+    assert summary["grad_evals"] == 2 * summary["updates"]
+    ckpt = load_checkpoint(tmp_path / "a")
+    assert ckpt["nrs"]["generator"] is not None
+    cfg = cfg_for(tmp_path, out=str(tmp_path / "b"), **kw)
+    Interrupt.stop_after = Trainer(cfg).updates_per_epoch + 1
+    with pytest.raises(KeyboardInterrupt):
+        Interrupt(cfg).run()
+    Trainer(cfg, resume=str(tmp_path / "b")).run()
+    resumed = load_checkpoint(tmp_path / "b")["model"]
+    assert all(torch.equal(v, resumed[k]) for k, v in ckpt["model"].items())
+
+
+def test_flatness_in_the_summary_and_the_comparison(tmp_path):
+    base = cfg_for(tmp_path, epochs=1, flatness=2, out=str(tmp_path / "cmp"))
+    rows = compare(base, ["sgd", "rwp"], seeds=1, log=lambda *_: None)
+    assert all(r["hessian_top"] > 0 and r["hessian_trace"] > 0 for r in rows)
+    assert "λ_max" in (tmp_path / "cmp" / "results.md").read_text()
+
+
+def test_analyze_command_writes_json_and_plots(tmp_path, capsys):
+    train(cfg_for(tmp_path, epochs=1))
+    run = tmp_path / "run"
+    code = main(["analyze", str(run / "checkpoint.pt"), "--batches", "1", "--k", "2", "--probes", "4",
+                 "--steps", "5", "--draws", "2", "--out", str(tmp_path / "an")])
+    assert code == 0
+    result = json.loads((tmp_path / "an" / "analysis.json").read_text())
+    assert len(result["eigenvalues"]) == 2 and result["eigenvalues"][0] >= result["eigenvalues"][1]
+    for name in ("density", "landscape_1d", "landscape_2d", "radius"):
+        assert (tmp_path / "an" / f"{name}.png").exists()
+    code, _, err = run_cli("analyze", str(tmp_path / "missing.pt"), capsys=capsys)
+    assert code == 2 and "no checkpoint" in err
+    code, _, err = run_cli("analyze", str(run), "--what", "curvature", capsys=capsys)
+    assert code == 2 and "curvature" in err and "Traceback" not in err

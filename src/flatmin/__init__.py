@@ -2,8 +2,8 @@
 the SAM/ASAM baselines and NRS, plus the tools to train, compare and analyse.
 
 Layers, each importing only from those above it in this list:
-``perturb``/``norm_stats`` (primitives) → ``optim`` (methods) → ``data``/``models`` → ``train`` →
-``analysis`` → ``cli``.
+``perturb``/``norm_stats`` (primitives) → ``optim``/``losses`` (methods) → ``data``/``models`` →
+``analysis`` → ``distributed`` → ``train`` → ``cli``.
 """
 from .losses import NRSLoss
 from .norm_stats import frozen_norm_stats

@@ -1,4 +1,4 @@
-"""The command line: ``flatmin train``, ``flatmin compare`` (and ``python -m flatmin ...``).
+"""The command line: ``flatmin train``, ``flatmin compare``, ``flatmin analyze`` (and ``python -m flatmin ...``).
 
 Every setting of a run is a flag named after its ``TrainConfig`` field; ``--config run.yaml``
 reads the same names from a file and flags given on the command line override it. Errors in what
@@ -65,7 +65,62 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--seeds", type=int, default=3, help="seeds per method, from --seed on (default: 3)")
     compare.add_argument("--jobs", type=int, default=1,
                          help="runs at once, in separate processes sharing the cores (default: 1)")
+    analyze = commands.add_parser(
+        "analyze", help="flatness of a trained model: Hessian spectrum, loss landscapes, loss under perturbation",
+        description="Analyse a checkpoint written by 'flatmin train'; writes analysis.json and PNG plots.")
+    analyze.add_argument("checkpoint", help="checkpoint.pt of a run (or the run's folder)")
+    analyze.add_argument("--what", default="hessian,landscape,radius",
+                         help="comma-separated: hessian, landscape, radius, or single parts eigenvalues, trace, "
+                              "density, landscape_1d, landscape_2d (default: hessian,landscape,radius)")
+    analyze.add_argument("--batches", type=int, default=4, help="batches of data the loss is averaged over (default: 4)")
+    analyze.add_argument("--batch-size", type=int, default=256, help="samples per batch (default: 256)")
+    analyze.add_argument("--split", default="train", choices=("train", "test", "val"),
+                         help="data split, without augmentation (default: train)")
+    analyze.add_argument("--k", type=int, default=5, help="top-k Hessian eigenvalues (default: 5)")
+    analyze.add_argument("--probes", type=int, default=50, help="Hutchinson probes for the trace (default: 50)")
+    analyze.add_argument("--steps", type=int, default=21, help="grid points per landscape axis (default: 21)")
+    analyze.add_argument("--draws", type=int, default=10, help="noise draws per radius (default: 10)")
+    analyze.add_argument("--adversarial", action="store_true",
+                         help="also the loss along the SAM direction of each radius (default: off)")
+    analyze.add_argument("--seed", type=int, default=0, help="seed of every random probe and direction (default: 0)")
+    analyze.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    analyze.add_argument("--out", default=None, help="output folder (default: analysis/ beside the checkpoint)")
     return parser
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    import itertools
+
+    import torch.nn.functional as F
+
+    from .analysis import analyze
+    from .data import make_loaders
+    from .train import load_trained
+
+    for name in ("batches", "batch_size", "k", "probes", "steps", "draws"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)} is not allowed: it must be >= 1")
+    cfg, model, dataset = load_trained(args.checkpoint, args.device)
+    _, loaders = make_loaders(dataset, batch_size=args.batch_size, eval_batch_size=args.batch_size,
+                              device=next(model.parameters()).device, seed=args.seed)
+    if args.split not in loaders:
+        raise ConfigError(f"--split {args.split}: this run has no {args.split} split (it has {', '.join(loaders)})")
+    batches = list(itertools.islice(iter(loaders[args.split]), args.batches))
+    ckpt = Path(args.checkpoint)
+    out = Path(args.out) if args.out else (ckpt if ckpt.is_dir() else ckpt.parent) / "analysis"
+    what = [w.strip() for w in args.what.split(",") if w.strip()]
+    options = {"eigenvalues": {"k": args.k}, "trace": {"probes": args.probes},
+               "landscape_1d": {"steps": args.steps}, "landscape_2d": {"steps": max(3, args.steps // 2)},
+               "radius": {"draws": args.draws, "adversarial": args.adversarial}}
+    result = analyze(model, F.cross_entropy, batches, what=what, out_dir=out, seed=args.seed, progress=True,
+                     **options)
+    if "eigenvalues" in result:
+        print("top Hessian eigenvalues:", ", ".join(f"{v:.4g}" for v in result["eigenvalues"]))
+    if "trace" in result:
+        print(f"Hessian trace: {result['trace']['estimate']:.4g} ± {result['trace']['stderr']:.2g}")
+    print(f"{cfg.method} on {cfg.data}/{cfg.model}: written {out}/analysis.json and "
+          + ", ".join(Path(p).name for p in result["plots"].values()))
+    return 0
 
 
 def _settings(args: argparse.Namespace, extra: tuple) -> Dict[str, Any]:
@@ -127,10 +182,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    handlers = {"train": _train, "compare": _compare}
+    handlers = {"train": _train, "compare": _compare, "analyze": _analyze}
     try:
         return handlers[args.command](args)
-    except (ConfigError, CheckpointError, ValueError, FileNotFoundError, NotADirectoryError) as err:
+    except (ConfigError, CheckpointError, ValueError, TypeError, FileNotFoundError, NotADirectoryError) as err:
         print(f"flatmin {args.command}: error: {err}", file=sys.stderr)
         return 2
 

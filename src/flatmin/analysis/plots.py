@@ -97,6 +97,9 @@ def plot_loss_vs_radius(result: Dict[str, Any], path: PathLike) -> Path:
                 label="adversarial (SAM), ρ = σ·sqrt(Σ s²)")
     ax.axhline(result["clean_loss"], color="k", linestyle="--", linewidth=0.8, label="clean")
     ax.set_xscale("log")
+    shown_losses = [v for line in ax.get_lines() for v in np.ravel(line.get_ydata()) if np.isfinite(v) and v > 0]
+    if shown_losses and max(shown_losses) > 100 * min(shown_losses):
+        ax.set_yscale("log")  # the SAM direction can reach losses orders of magnitude above the random ones
     ax.set_xlabel("radius σ (filter-wise)")
     ax.set_ylabel("train loss")
     ax.set_title("Loss under weight perturbation")

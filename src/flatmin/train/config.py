@@ -14,12 +14,13 @@ from typing import Any, Dict, Optional
 
 import yaml
 
+from ..losses.nrs import DIVERGENCES, NEIGHBOURS
 from ..optim import METHODS
 from ..optim.base import check_range
 
 # Method hyperparameters used when the run does not set them. ``sigma_inc`` is the CosineInc
 # growth of σ over the run (SPEC.md): 0 keeps σ constant.
-METHOD_DEFAULTS: Dict[str, Dict[str, float]] = {
+METHOD_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "sgd": {},
     "sam": {"rho": 0.05},
     "asam": {"rho": 0.5},
@@ -27,10 +28,14 @@ METHOD_DEFAULTS: Dict[str, Dict[str, float]] = {
     "arwp": {"sigma": 0.001, "sigma_inc": 10.0, "eta": 0.1, "beta": 0.99},
     "m-rwp": {"sigma": 0.015, "sigma_inc": 0.0, "lam": 0.5},
     "m-arwp": {"sigma": 0.015, "sigma_inc": 0.0, "lam": 0.5, "eta": 0.1, "beta": 0.99},
+    "nrs": {"alpha": 1.0, "sigma": 0.01, "neighbour": "random", "divergence": "kl"},
 }
-METHOD_HPARAMS = ("sigma", "sigma_inc", "lam", "eta", "beta", "rho")
+# Every method the trainer knows: the optimizers of flatmin.create, and NRS (a loss with plain SGD).
+TRAIN_METHODS = (*METHODS, "nrs")
+METHOD_HPARAMS = ("sigma", "sigma_inc", "lam", "eta", "beta", "rho", "alpha", "neighbour", "divergence")
 # The only settings a resumed run may change: where and how it runs, and how long.
-RESUMABLE_CHANGES = ("epochs", "device", "out", "progress", "threads", "num_workers", "data_dir", "eval_batch_size")
+RESUMABLE_CHANGES = ("epochs", "device", "out", "progress", "threads", "num_workers", "data_dir", "eval_batch_size",
+                     "flatness")
 
 
 class ConfigError(ValueError):
@@ -42,7 +47,7 @@ class TrainConfig:
     data: str = field(default="digits", metadata={"help": "data set: digits, mnist1d, cifar10, cifar100, imagefolder"})
     data_dir: Optional[str] = field(default=None, metadata={"help": "folder holding the data files (CIFAR, imagefolder) or the cache"})
     model: str = field(default="mlp", metadata={"help": "model: mlp, cnn, resnet18, vgg16bn, wrn28-10, wrn16-8, resnet18-imagenet, resnet50-imagenet"})
-    method: str = field(default="arwp", metadata={"help": "method: " + ", ".join(METHODS)})
+    method: str = field(default="arwp", metadata={"help": "method: " + ", ".join(TRAIN_METHODS)})
     base: str = field(default="sgd", metadata={"help": "base optimizer: sgd, adamw, adam"})
     epochs: int = field(default=60, metadata={"help": "epochs of data (the mixed methods make half as many updates per epoch)"})
     batch_size: int = field(default=64, metadata={"help": "mini-batch size"})
@@ -59,6 +64,9 @@ class TrainConfig:
     eta: Optional[float] = field(default=None, metadata={"help": "ARWP η"})
     beta: Optional[float] = field(default=None, metadata={"help": "ARWP β"})
     rho: Optional[float] = field(default=None, metadata={"help": "SAM/ASAM radius ρ"})
+    alpha: Optional[float] = field(default=None, metadata={"help": "NRS weight α of the divergence term"})
+    neighbour: Optional[str] = field(default=None, metadata={"help": "NRS neighbour: " + ", ".join(NEIGHBOURS)})
+    divergence: Optional[str] = field(default=None, metadata={"help": "NRS divergence: " + ", ".join(DIVERGENCES)})
     same_batch: bool = field(default=False, metadata={"help": "mixed methods: use one batch for both terms instead of two"})
     seed: int = field(default=0, metadata={"help": "seed of initialisation, data order, augmentation and noise"})
     val_fraction: float = field(default=0.0, metadata={"help": "hold out this fraction of TRAIN as a validation split"})
@@ -67,10 +75,11 @@ class TrainConfig:
     device: str = field(default="cpu", metadata={"help": "cpu, cuda or cuda:N"})
     amp: Optional[str] = field(default=None, metadata={"help": "mixed precision: bf16 or fp16"})
     threads: Optional[int] = field(default=None, metadata={"help": "CPU threads for torch (default: torch's)"})
+    flatness: int = field(default=0, metadata={"help": "batches of training data for the Hessian's top eigenvalue and trace in the summary (0: skip)"})
     out: str = field(default="runs/train", metadata={"help": "output folder: metrics.jsonl, summary.json, checkpoint.pt"})
     progress: str = field(default="auto", metadata={"help": "auto (bar on a terminal, log lines otherwise), bar, log, none"})
 
-    def hparams(self) -> Dict[str, float]:
+    def hparams(self) -> Dict[str, Any]:
         """The method's hyperparameters with its defaults filled in."""
         values = dict(METHOD_DEFAULTS[self.method])
         for name in METHOD_HPARAMS:
@@ -85,7 +94,7 @@ class TrainConfig:
 
         choice("data", self.data, DATASETS)
         choice("model", self.model, MODELS)
-        choice("method", self.method, METHODS)
+        choice("method", self.method, TRAIN_METHODS)
         choice("base", self.base, ("sgd", "adamw", "adam"))
         choice("progress", self.progress, ("auto", "bar", "log", "none"))
         if self.amp is not None:
@@ -94,6 +103,8 @@ class TrainConfig:
             positive_int(name, getattr(self, name))
         if self.threads is not None:
             positive_int("threads", self.threads)
+        if self.flatness < 0:
+            raise ConfigError(f"flatness={self.flatness} is not allowed: it must be >= 0 (batches)")
         if self.num_workers < 0:
             raise ConfigError(f"num_workers={self.num_workers} is not allowed: it must be >= 0")
         if self.cutout < 0:
@@ -116,6 +127,9 @@ class TrainConfig:
         hp = self.hparams()
         if "sigma_inc" in hp:
             check_range("sigma_inc", hp["sigma_inc"], 0.0, math.inf)
+        if "neighbour" in hp:
+            choice("neighbour", hp["neighbour"], NEIGHBOURS)
+            choice("divergence", hp["divergence"], DIVERGENCES)
         if self.device != "cpu" and not (self.device == "cuda" or self.device.startswith("cuda:")):
             raise ConfigError(f"device={self.device!r} is not allowed: use cpu, cuda or cuda:N")
         return self

@@ -9,6 +9,7 @@ augmentation of an epoch are functions of the seed and the epoch alone).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import platform
@@ -23,7 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import __version__
+from ..analysis import hessian_eigenvalues, hessian_trace
 from ..data import load_dataset, make_loaders
+from ..losses import NRSLoss
 from ..models import create_model
 from ..optim import CosineIncSigma, create
 from ..optim.base import WrappedOptimizer
@@ -110,16 +113,26 @@ class Trainer:
         base_kwargs: Dict[str, Any] = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
         if cfg.base == "sgd":
             base_kwargs["momentum"] = cfg.momentum
-        if cfg.method != "sgd":
+        self.nrs: Optional[NRSLoss] = None
+        if cfg.method == "nrs":
+            # NRS is a loss: the plain base optimizer steps on its gradient.
+            self.nrs = NRSLoss(**hp, seed=cfg.seed)
+            self.optimizer = create("sgd", self.model, base=cfg.base, **base_kwargs)
+        elif cfg.method == "sgd":
+            self.optimizer = create("sgd", self.model, base=cfg.base, **base_kwargs)
+        else:
             hp.update(seed=cfg.seed, grad_scaler=self.scaler, max_grad_norm=cfg.clip)
-        self.optimizer = create(cfg.method, self.model, base=cfg.base, **base_kwargs, **hp)
+            self.optimizer = create(cfg.method, self.model, base=cfg.base, **base_kwargs, **hp)
         self.wrapped = isinstance(self.optimizer, WrappedOptimizer)
         batches_per_update = getattr(self.optimizer, "batches_per_step", 1)
         self.pairs = batches_per_update == 2 and not cfg.same_batch
         self.updates_per_epoch = len(self.train_loader) // (2 if self.pairs else 1)
         if self.updates_per_epoch < 1:
             raise ConfigError(f"batch_size={cfg.batch_size} leaves no update per epoch on {cfg.data}: use a smaller batch")
-        self.grads_per_update = getattr(self.optimizer, "grads_per_step", 1)
+        # Forward-backward passes per update: NRS backpropagates through a clean and a perturbed
+        # forward (and its adversarial neighbour costs one more pass to find).
+        nrs_passes = {"random": 2, "adversarial": 3}.get(hp.get("neighbour"), 2)
+        self.grads_per_update = nrs_passes if self.nrs else getattr(self.optimizer, "grads_per_step", 1)
         self.total_updates = self.updates_per_epoch * cfg.epochs
         warmup = int(round(cfg.warmup_epochs * self.updates_per_epoch))
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -150,6 +163,8 @@ class Trainer:
                 self.sigma_schedule.load_state_dict(ckpt["sigma_schedule"])
             if self.scaler is not None and ckpt.get("scaler"):
                 self.scaler.load_state_dict(ckpt["scaler"])
+            if self.nrs is not None:
+                self.nrs.load_state_dict(ckpt["nrs"])
         except (RuntimeError, KeyError, ValueError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise CheckpointError(f"checkpoint {where} does not fit this model/optimizer: {first}") from None
@@ -177,6 +192,7 @@ class Trainer:
             "lr_schedule": self.lr_schedule.state_dict(),
             "sigma_schedule": self.sigma_schedule.state_dict() if self.sigma_schedule else None,
             "scaler": self.scaler.state_dict() if self.scaler else None,
+            "nrs": self.nrs.state_dict() if self.nrs else None,
             "rng": rng,
         })
 
@@ -184,7 +200,10 @@ class Trainer:
     def _closure(self, x: Tensor, y: Tensor) -> Callable[[], Tensor]:
         def closure() -> Tensor:
             with self.amp():
-                loss = self.criterion(self.model(x), y)
+                if self.nrs is not None:
+                    loss = self.nrs(self.model, x, y, base_loss=self.criterion)
+                else:
+                    loss = self.criterion(self.model(x), y)
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             return loss.detach()
         return closure
@@ -286,12 +305,35 @@ class Trainer:
             result["gap"] = result["train_acc"] - result["test_acc"]
         if self.wrapped:
             result["skipped_steps"] = self.optimizer.skipped_steps
+        if cfg.flatness:
+            batches = list(itertools.islice(iter(self.eval_loaders["train" if "train" in self.eval_loaders else "test"]),
+                                            cfg.flatness))
+            loss = nn.CrossEntropyLoss()
+            result["hessian_top"] = hessian_eigenvalues(self.model, loss, batches, k=1, iters=30, tol=1e-3,
+                                                        seed=cfg.seed)[0]
+            result["hessian_trace"], result["hessian_trace_se"] = hessian_trace(self.model, loss, batches,
+                                                                                probes=30, seed=cfg.seed)
         if self.device.type == "cuda":
             result["peak_memory_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         else:
             result["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS, KiB
         result["history"] = self.history
         return result
+
+
+def load_trained(checkpoint: str, device: str = "cpu") -> Tuple[TrainConfig, nn.Module, Any]:
+    """The config, the trained model (eval mode, on ``device``) and the data set of a checkpoint
+    written by ``flatmin train``."""
+    ckpt = load_checkpoint(checkpoint)
+    cfg = TrainConfig.from_dict(ckpt["config"], where=str(checkpoint))
+    dataset = load_dataset(cfg.data, data_dir=cfg.data_dir, val_fraction=cfg.val_fraction, seed=0, cutout=0)
+    model = create_model(cfg.model, dataset.num_classes, dataset.input_shape)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        raise CheckpointError(f"checkpoint {checkpoint} does not fit model {cfg.model!r}: "
+                              f"{str(err).strip().splitlines()[0]}") from None
+    return cfg, model.to(_resolve_device(device)).eval(), dataset
 
 
 def train(cfg: TrainConfig, resume: Optional[str] = None) -> Dict[str, Any]:
