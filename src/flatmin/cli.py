@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional
 from .train.checkpoint import CheckpointError
 from .train.config import ConfigError, TrainConfig, load_yaml
 
-DEFAULT_METHODS = "sgd,sam,rwp,arwp,m-rwp,m-arwp"
+DEFAULT_METHODS = "sgd,sam,rwp,arwp,m-rwp,m-arwp,nrs"
 
 
 def _flag_type(field: dataclasses.Field) -> Any:

@@ -102,3 +102,56 @@ def shifted_weights(
                 # δ is the same rounded tensor both times, so (w + δ) − δ is w up to one rounding.
                 for p, delta in zip(params[:shifted], deltas()):
                     p.sub_(delta)
+
+
+@contextmanager
+def gaussian_shift(
+    params: Sequence[Tensor], scales: Sequence[Tensor], generator: torch.Generator, *,
+    exact: bool = False, keep_bytes: int = 0,
+) -> Iterator[None]:
+    """Inside the block ``w ← w + scale ⊙ z``, ``z ~ N(0, I)`` from ``generator``; on exit, also on an
+    exception, ``w`` comes back (up to a few ulp; bit-exact from a snapshot with ``exact=True``).
+
+    Undoing needs ``ε`` again. Drawing it twice doubles the cost of the noise, which on a CPU is
+    the main cost of RWP for small models; keeping all of it would be a copy of the weights. So the
+    noise of the largest tensors whose sizes add up to at most ``keep_bytes`` is kept, and the rest
+    is drawn again from the generator state saved before each of those tensors was drawn. The kept
+    noise is subtracted first and freed before any redraw, so the memory beyond the weights is at
+    most ``keep_bytes`` at any moment (plus one redrawn tensor once the kept noise is gone). The
+    generator ends where one draw of all the noise leaves it.
+    """
+    if exact:
+        with shifted_weights(params, gaussian_deltas(params, scales, generator), exact=True):
+            yield
+        return
+    keep, budget = set(), keep_bytes
+    for i in sorted(range(len(params)), key=lambda i: -params[i].numel() * params[i].element_size()):
+        size = params[i].numel() * params[i].element_size()
+        if size <= budget:
+            keep.add(i)
+            budget -= size
+    kept: dict = {}
+    states: dict = {}
+    applied: list = []
+    try:
+        with torch.no_grad():
+            for i, (p, scale) in enumerate(zip(params, scales)):
+                if i not in keep:
+                    states[i] = generator.get_state()
+                delta = gaussian_draw(p.shape, generator, p).mul_(scale)
+                p.add_(delta)
+                applied.append(i)
+                if i in keep:
+                    kept[i] = delta
+                del delta
+        yield
+    finally:
+        end = generator.get_state()
+        with torch.no_grad():
+            for i in list(kept):
+                params[i].sub_(kept.pop(i))
+            for i in applied:
+                if i in states:
+                    generator.set_state(states[i])
+                    params[i].sub_(gaussian_draw(params[i].shape, generator, params[i]).mul_(scales[i]))
+        generator.set_state(end)

@@ -23,7 +23,6 @@ from typing import Any, Callable, Dict, Iterator, Optional
 import torch
 
 from ..norm_stats import frozen_norm_stats
-from ..perturb import shifted_weights
 from .arwp import AdaptiveNoise
 from .base import BaseOptimizer, Closure, check_range
 from .rwp import RWP
@@ -88,8 +87,7 @@ class MRWP(RWP):
         self.zero_grad(set_to_none=True)
         pending = None
         if any(group["lam"] > 0 for group in self.param_groups):
-            params, deltas = self._noise()
-            with frozen_norm_stats(self.model), shifted_weights(params, deltas, exact=self.exact_restore):
+            with frozen_norm_stats(self.model), self._perturbed():
                 self._call(perturbed_closure, "perturbed_closure")
             pending = self._perturbed_stats()
             self._scale_grads(lambda lam: lam / (1.0 - lam))

@@ -10,12 +10,12 @@ statistics are updated in the perturbed pass, the only one.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, ContextManager, Dict, List, Optional
 
 import torch
 from torch import Tensor
 
-from ..perturb import filter_norms, gaussian_deltas, shifted_weights
+from ..perturb import filter_norms, gaussian_shift
 from .base import BaseOptimizer, Closure, WrappedOptimizer, check_range
 
 
@@ -44,8 +44,8 @@ class RWP(WrappedOptimizer):
         torch._foreach_mul_(scales, group["sigma"])
         return scales
 
-    def _noise(self) -> Tuple[List[Tensor], Any]:
-        """The tensors to perturb and a reproducible source of their noise ``ε``."""
+    def _perturbed(self) -> ContextManager[None]:
+        """A context in which the weights are ``w + ε`` (restored on exit, also on an exception)."""
         params, scales = [], []
         for group in self.param_groups:
             group_params = [p for p in group["params"] if p.requires_grad]
@@ -53,7 +53,10 @@ class RWP(WrappedOptimizer):
                 continue
             params += group_params
             scales += self._noise_scales(group_params, group)
-        return params, gaussian_deltas(params, scales, self.generator)
+        # Keeping the noise of tensors up to the size of the largest one costs no more memory than
+        # the one transient redrawing needs anyway, and saves most of the second draw.
+        keep = max((p.numel() * p.element_size() for p in params), default=0)
+        return gaussian_shift(params, scales, self.generator, exact=self.exact_restore, keep_bytes=keep)
 
     def _perturbed_stats(self) -> Optional[Any]:
         """Statistics of the perturbed gradient now in ``.grad`` that the state needs (ARWP)."""
@@ -65,8 +68,7 @@ class RWP(WrappedOptimizer):
         if closure is None:
             self._call(None)
         self.zero_grad(set_to_none=True)
-        params, deltas = self._noise()
-        with shifted_weights(params, deltas, exact=self.exact_restore):
+        with self._perturbed():
             loss = self._call(closure)
         self._update(self._perturbed_stats())
         return loss
