@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 from pathlib import Path
@@ -151,6 +152,8 @@ def _train(args: argparse.Namespace) -> int:
         print(f"flatmin: interrupted; the last complete checkpoint is {Path(cfg.out) / 'checkpoint.pt'} "
               f"(continue with --resume)", file=sys.stderr)
         return 130
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun, rank 0 reports
     parts = [f"{k} {summary[k]:.4f}" for k in ("test_acc", "train_acc", "val_acc") if k in summary]
     print(f"{cfg.method} on {cfg.data}/{cfg.model}: " + "  ".join(parts)
           + f"  train time {summary['train_time_s']:.1f} s  ({summary['updates']} updates, "

@@ -46,24 +46,30 @@ def load_dataset(name: str, data_dir: Optional[str] = None, val_fraction: float 
 def make_loaders(ds: Union[Dataset, FolderDataset], batch_size: int, eval_batch_size: int,
                  device: Union[str, torch.device] = "cpu", seed: int = 0, num_workers: int = 0,
                  shard: Tuple[int, int] = (0, 1)) -> Tuple[Any, Dict[str, Any]]:
-    """The training loader and the evaluation loaders (``train``, ``test``, ``val`` when present)."""
+    """The training loader and the evaluation loaders (``train``, ``test``, ``val`` when present).
+
+    With ``shard = (rank, world)`` the training loader yields this rank's part of every global
+    batch, and each evaluation loader covers every ``world``-th sample from ``rank`` on: together
+    the ranks see each evaluation sample exactly once.
+    """
+    rank, world = shard
     device = torch.device(device)
     if isinstance(ds, FolderDataset):
         train = FolderLoader(ds.train, batch_size, shuffle=True, seed=seed, device=device,
                              num_workers=num_workers, shard=shard)
-        test = FolderLoader(ds.test, eval_batch_size, shuffle=False, device=device, num_workers=num_workers)
+        test = FolderLoader(torch.utils.data.Subset(ds.test, range(rank, len(ds.test), world)), eval_batch_size,
+                            shuffle=False, device=device, num_workers=num_workers)
         return train, {"test": test}
     # Move each split to the device once; the training and evaluation loaders then share it.
     train_x, train_y = ds.train_x.to(device), ds.train_y.to(device)
     train = BatchLoader(train_x, train_y, batch_size, shuffle=True, augment=ds.augment,
                         transform=ds.transform, seed=seed, device=device, shard=shard)
-    evals = {"train": BatchLoader(train_x, train_y, eval_batch_size, shuffle=False,
-                                  transform=ds.transform, device=device),
-             "test": BatchLoader(ds.test_x, ds.test_y, eval_batch_size, shuffle=False,
-                                 transform=ds.transform, device=device)}
+    splits = {"train": (train_x, train_y), "test": (ds.test_x, ds.test_y)}
     if ds.val_x is not None:
-        evals["val"] = BatchLoader(ds.val_x, ds.val_y, eval_batch_size, shuffle=False,
-                                   transform=ds.transform, device=device)
+        splits["val"] = (ds.val_x, ds.val_y)
+    evals = {name: BatchLoader(x[rank::world], y[rank::world], eval_batch_size, shuffle=False,
+                               transform=ds.transform, device=device)
+             for name, (x, y) in splits.items()}
     return train, evals
 
 

@@ -6,14 +6,16 @@ two gradients per update on the same batch.
     ε  = ρ · T² g0 / ||T g0||         ASAM   (T = |w| elementwise)
     g  = ∇L(w + ε; B);   w ← base_step(w, g) at the unperturbed w
 
-``ρ`` (``rho``) is the radius of the ascent step. The only buffer is ``ε`` itself, built in place in
+``ρ`` (``rho``) is the radius of the ascent step. Under data parallelism (``model=`` a DDP module) the
+first pass stays on each worker (``no_sync``) and only the second gradient is averaged. The only buffer is ``ε`` itself, built in place in
 the memory of ``g0`` (which is no longer needed once ``ε`` exists). Running statistics are updated
 in the first pass only.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional
+from contextlib import nullcontext
+from typing import Any, ContextManager, Dict, Optional
 
 import torch
 
@@ -45,13 +47,20 @@ class SAM(WrappedOptimizer):
     def _check_group(self, group: Dict[str, Any]) -> None:
         check_range("rho", group["rho"], 0.0, float("inf"), high_open=True)
 
+    def _per_worker(self) -> ContextManager[None]:
+        """The ascent step is each worker's own: under DDP the first backward must not all-reduce."""
+        if isinstance(self.model, torch.nn.parallel.DistributedDataParallel):
+            return self.model.no_sync()
+        return nullcontext()
+
     @torch.no_grad()
     def step(self, closure: Optional[Closure] = None) -> Any:  # type: ignore[override]
         """One update: ``closure()`` at ``w``, ascend to ``w + ε``, ``closure()`` there, restore, base step."""
         if closure is None:
             self._call(None)
         self.zero_grad(set_to_none=True)
-        loss = self._call(closure)
+        with self._per_worker():
+            loss = self._call(closure)
         per_group = []
         for group in self.param_groups:
             group_params = [p for p in group["params"] if p.grad is not None]

@@ -35,15 +35,15 @@ METHOD_DEFAULTS: Dict[str, Dict[str, Any]] = {
 # the README. CIFAR and ImageNet use the papers' values above.
 DATA_RECIPES: Dict[str, Dict[str, Dict[str, Any]]] = {
     "digits": {
-        "sam": {"rho": 0.2},
+        "sam": {"rho": 0.01},
         "rwp": {"sigma": 0.02},
-        "arwp": {"sigma": 0.01},
-        "m-rwp": {"sigma": 0.1},
+        "arwp": {"sigma": 0.0005},
+        "m-rwp": {"sigma": 0.01},
         "m-arwp": {"sigma": 0.01},
         "nrs": {"alpha": 0.5, "sigma": 0.05},
     },
     "mnist1d": {
-        "sam": {"rho": 0.2},
+        "sam": {"rho": 0.1},
         "rwp": {"sigma": 0.02},
         "arwp": {"sigma": 0.002},
         "m-rwp": {"sigma": 0.02},
@@ -56,7 +56,7 @@ TRAIN_METHODS = (*METHODS, "nrs")
 METHOD_HPARAMS = ("sigma", "sigma_inc", "lam", "eta", "beta", "rho", "alpha", "neighbour", "divergence")
 # The only settings a resumed run may change: where and how it runs, and how long.
 RESUMABLE_CHANGES = ("epochs", "device", "out", "progress", "threads", "num_workers", "data_dir", "eval_batch_size",
-                     "flatness")
+                     "flatness", "stop_after")
 
 
 class ConfigError(ValueError):
@@ -88,6 +88,7 @@ class TrainConfig:
     alpha: Optional[float] = field(default=None, metadata={"help": "NRS weight α of the divergence term"})
     neighbour: Optional[str] = field(default=None, metadata={"help": "NRS neighbour: " + ", ".join(NEIGHBOURS)})
     divergence: Optional[str] = field(default=None, metadata={"help": "NRS divergence: " + ", ".join(DIVERGENCES)})
+    parallel: bool = field(default=False, metadata={"help": "m-rwp/m-arwp under torchrun: clean and perturbed terms on different workers at once (an even number of workers)"})
     same_batch: bool = field(default=False, metadata={"help": "mixed methods: use one batch for both terms instead of two"})
     seed: int = field(default=0, metadata={"help": "seed of initialisation, data order, augmentation and noise"})
     val_fraction: float = field(default=0.0, metadata={"help": "hold out this fraction of TRAIN as a validation split"})
@@ -96,6 +97,7 @@ class TrainConfig:
     device: str = field(default="cpu", metadata={"help": "cpu, cuda or cuda:N"})
     amp: Optional[str] = field(default=None, metadata={"help": "mixed precision: bf16 or fp16"})
     threads: Optional[int] = field(default=None, metadata={"help": "CPU threads for torch (default: torch's)"})
+    stop_after: Optional[int] = field(default=None, metadata={"help": "stop once this many epochs of the schedule are done (checkpointed); continue later with --resume"})
     flatness: int = field(default=0, metadata={"help": "batches of training data for the Hessian's top eigenvalue and trace in the summary (0: skip)"})
     out: str = field(default="runs/train", metadata={"help": "output folder: metrics.jsonl, summary.json, checkpoint.pt"})
     progress: str = field(default="auto", metadata={"help": "auto (bar on a terminal, log lines otherwise), bar, log, none"})
@@ -124,6 +126,11 @@ class TrainConfig:
             positive_int(name, getattr(self, name))
         if self.threads is not None:
             positive_int("threads", self.threads)
+        if self.stop_after is not None:
+            positive_int("stop_after", self.stop_after)
+        if self.parallel and self.method not in ("m-rwp", "m-arwp"):
+            raise ConfigError(f"--parallel is for the mixed methods m-rwp and m-arwp, not {self.method!r} "
+                              "(every other method runs data-parallel under torchrun without it)")
         if self.flatness < 0:
             raise ConfigError(f"flatness={self.flatness} is not allowed: it must be >= 0 (batches)")
         if self.num_workers < 0:

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from .. import __version__
 from ..analysis import hessian_eigenvalues, hessian_trace
 from ..data import load_dataset, make_loaders
+from ..distributed import DistEnv, ParallelMixedStep, cleanup, init_distributed
 from ..losses import NRSLoss
 from ..models import create_model
 from ..optim import CosineIncSigma, create
@@ -50,8 +51,9 @@ def cosine_with_warmup(total_updates: int, warmup_updates: int) -> Callable[[int
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Any, amp: Callable[[], Any]) -> Tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` in eval mode over ``loader``."""
+def evaluate(model: nn.Module, loader: Any, amp: Callable[[], Any], distributed: bool = False) -> Tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` in eval mode over ``loader``; with
+    ``distributed``, over the union of every rank's loader (each rank holds its own shard)."""
     was_training = model.training
     model.eval()
     total_loss = torch.zeros((), dtype=torch.float64)
@@ -66,6 +68,11 @@ def evaluate(model: nn.Module, loader: Any, amp: Callable[[], Any]) -> Tuple[flo
             count += len(y)
     finally:
         model.train(was_training)
+    if distributed:
+        device = next(model.parameters()).device
+        totals = torch.tensor([float(total_loss), float(correct), float(count)], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(totals)
+        total_loss, correct, count = totals.tolist()
     return float(total_loss) / max(count, 1), float(correct) / max(count, 1)
 
 
@@ -94,7 +101,12 @@ class Trainer:
             self._check_compatible(checkpoint["config"], resume)
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
-        self.device = _resolve_device(cfg.device)
+        # Under torchrun: one worker per process; rank 0 logs and writes, every rank trains.
+        self.env: DistEnv = init_distributed(cfg.device, parallel=cfg.parallel)
+        self.distributed = self.env.world_size > 1
+        if self.distributed and cfg.method == "nrs":
+            raise ConfigError("nrs does not run under torchrun yet: train it in one process")
+        self.device = self.env.device if self.distributed else _resolve_device(cfg.device)
         self.out = Path(cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
@@ -103,8 +115,14 @@ class Trainer:
                                     seed=0, cutout=cfg.cutout)
         self.train_loader, self.eval_loaders = make_loaders(
             self.dataset, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
-            device=self.device, seed=cfg.seed, num_workers=cfg.num_workers)
+            device=self.device, seed=cfg.seed, num_workers=cfg.num_workers,
+            shard=(self.env.rank, self.env.world_size))
         self.model = create_model(cfg.model, self.dataset.num_classes, self.dataset.input_shape).to(self.device)
+        # Data parallelism for every method but parallel m-(A)RWP, which does its own communication.
+        self.net: nn.Module = self.model
+        if self.distributed and not cfg.parallel:
+            self.net = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
         self.amp = _amp_context(cfg, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.amp == "fp16" else None
 
@@ -122,10 +140,11 @@ class Trainer:
             self.optimizer = create("sgd", self.model, base=cfg.base, **base_kwargs)
         else:
             hp.update(seed=cfg.seed, grad_scaler=self.scaler, max_grad_norm=cfg.clip)
-            self.optimizer = create(cfg.method, self.model, base=cfg.base, **base_kwargs, **hp)
+            self.optimizer = create(cfg.method, self.net, base=cfg.base, **base_kwargs, **hp)
         self.wrapped = isinstance(self.optimizer, WrappedOptimizer)
         batches_per_update = getattr(self.optimizer, "batches_per_step", 1)
-        self.pairs = batches_per_update == 2 and not cfg.same_batch
+        # Parallel m-(A)RWP: each rank's own batch is its shard of B1 (clean ranks) or B2 (perturbed).
+        self.pairs = batches_per_update == 2 and not cfg.same_batch and not cfg.parallel
         self.updates_per_epoch = len(self.train_loader) // (2 if self.pairs else 1)
         if self.updates_per_epoch < 1:
             raise ConfigError(f"batch_size={cfg.batch_size} leaves no update per epoch on {cfg.data}: use a smaller batch")
@@ -135,8 +154,9 @@ class Trainer:
         self.grads_per_update = nrs_passes if self.nrs else getattr(self.optimizer, "grads_per_step", 1)
         self.total_updates = self.updates_per_epoch * cfg.epochs
         warmup = int(round(cfg.warmup_epochs * self.updates_per_epoch))
+        # On the base optimizer (same param_groups): its step() runs on every path, parallel included.
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, cosine_with_warmup(self.total_updates, warmup))
+            getattr(self.optimizer, "base_optimizer", self.optimizer), cosine_with_warmup(self.total_updates, warmup))
         self.sigma_schedule = (CosineIncSigma(self.optimizer, self.total_updates, inc=self.sigma_inc)
                                if self.sigma_inc is not None else None)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
@@ -146,6 +166,8 @@ class Trainer:
         self.history: List[Dict[str, Any]] = []
         if checkpoint is not None:
             self._restore(checkpoint, resume)
+        # Built after the restore: it starts every rank from rank 0's weights, buffers and noise state.
+        self.parallel_step = ParallelMixedStep(self.optimizer, self.model) if cfg.parallel else None
 
     # ------------------------------------------------------------------ resume
     def _check_compatible(self, saved: Dict[str, Any], where: str) -> None:
@@ -175,11 +197,14 @@ class Trainer:
         self.train_time = float(ckpt["train_time"])
         self.history = list(ckpt["history"])
         # metrics.jsonl restarts from what the checkpoint knew: no rows of a lost epoch remain.
-        with open(self.out / "metrics.jsonl", "w") as handle:
-            for row in self.history:
-                handle.write(json.dumps(row) + "\n")
+        if self.env.is_main:
+            with open(self.out / "metrics.jsonl", "w") as handle:
+                for row in self.history:
+                    handle.write(json.dumps(row) + "\n")
 
     def _checkpoint(self) -> None:
+        if not self.env.is_main:
+            return
         rng = {"torch": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
         save_checkpoint(self.out / "checkpoint.pt", {
@@ -203,7 +228,7 @@ class Trainer:
                 if self.nrs is not None:
                     loss = self.nrs(self.model, x, y, base_loss=self.criterion)
                 else:
-                    loss = self.criterion(self.model(x), y)
+                    loss = self.criterion(self.net(x), y)
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             return loss.detach()
         return closure
@@ -211,6 +236,8 @@ class Trainer:
     def _update(self, batches: Sequence[Batch]) -> Tensor:
         """One update of the method from one or two batches; returns the step's loss."""
         closures = [self._closure(x, y) for x, y in batches]
+        if self.parallel_step is not None:
+            return self.parallel_step.step(*closures)
         if self.wrapped:
             return self.optimizer.step(*closures)
         self.optimizer.zero_grad(set_to_none=True)
@@ -242,7 +269,7 @@ class Trainer:
             if self.sigma_schedule is not None:
                 self.sigma_schedule.step()
             loss_sum += loss.float()
-            samples += sum(len(y) for _, y in batches)
+            samples += sum(len(y) for _, y in batches) * self.env.world_size  # every rank a shard alike
             updates += 1
             if updates % 10 == 0 or updates == self.updates_per_epoch:
                 progress.update(10 if updates % 10 == 0 else updates % 10, loss=float(loss),
@@ -256,11 +283,12 @@ class Trainer:
 
     def run(self) -> Dict[str, Any]:
         cfg = self.cfg
-        progress = Progress(cfg.progress)
+        progress = Progress(cfg.progress if self.env.is_main else "none")
         wall_start = time.perf_counter()
-        metrics = open(self.out / "metrics.jsonl", "a")
+        metrics = open(self.out / "metrics.jsonl", "a") if self.env.is_main else None
         try:
-            while self.epoch < cfg.epochs:
+            last = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, cfg.stop_after)
+            while self.epoch < last:
                 stats = self._train_epoch(progress)
                 self.epoch += 1
                 row: Dict[str, Any] = {"epoch": self.epoch, "epochs": cfg.epochs, **stats,
@@ -270,18 +298,22 @@ class Trainer:
                 for split, loader in self.eval_loaders.items():
                     if split == "train":
                         continue
-                    row[f"{split}_loss"], row[f"{split}_acc"] = evaluate(self.model, loader, self.amp)
+                    row[f"{split}_loss"], row[f"{split}_acc"] = evaluate(self.model, loader, self.amp,
+                                                                          self.distributed)
                 self.history.append(row)
-                metrics.write(json.dumps(row) + "\n")
-                metrics.flush()
+                if metrics is not None:
+                    metrics.write(json.dumps(row) + "\n")
+                    metrics.flush()
                 self._checkpoint()
                 progress.end_epoch(row)
         finally:
-            metrics.close()
+            if metrics is not None:
+                metrics.close()
         summary = self._summary(time.perf_counter() - wall_start)
-        tmp = self.out / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2))
-        tmp.replace(self.out / "summary.json")
+        if self.env.is_main:
+            tmp = self.out / "summary.json.tmp"
+            tmp.write_text(json.dumps(summary, indent=2))
+            tmp.replace(self.out / "summary.json")
         return summary
 
     def _summary(self, wall_time: float) -> Dict[str, Any]:
@@ -293,19 +325,21 @@ class Trainer:
             "seed": cfg.seed,
             "method": cfg.method,
             "epochs": cfg.epochs,
-            "updates": self.total_updates,
-            "grad_evals": self.total_updates * self.grads_per_update,
+            "completed": self.epoch >= cfg.epochs,
+            "updates": self.updates_per_epoch * self.epoch,
+            "grad_evals": self.updates_per_epoch * self.epoch * self.grads_per_update,
             "samples_seen": sum(row["samples"] for row in self.history),
             "train_time_s": self.train_time,
             "wall_time_s": wall_time,
         }
         for split, loader in self.eval_loaders.items():
-            result[f"{split}_loss"], result[f"{split}_acc"] = evaluate(self.model, loader, self.amp)
+            result[f"{split}_loss"], result[f"{split}_acc"] = evaluate(self.model, loader, self.amp, self.distributed)
+        result["workers"] = self.env.world_size
         if "train_acc" in result and "test_acc" in result:
             result["gap"] = result["train_acc"] - result["test_acc"]
         if self.wrapped:
             result["skipped_steps"] = self.optimizer.skipped_steps
-        if cfg.flatness:
+        if cfg.flatness and self.env.is_main:
             batches = list(itertools.islice(iter(self.eval_loaders["train" if "train" in self.eval_loaders else "test"]),
                                             cfg.flatness))
             loss = nn.CrossEntropyLoss()
@@ -337,5 +371,9 @@ def load_trained(checkpoint: str, device: str = "cpu") -> Tuple[TrainConfig, nn.
 
 
 def train(cfg: TrainConfig, resume: Optional[str] = None) -> Dict[str, Any]:
-    """Train one run described by ``cfg`` (optionally resumed from a checkpoint); returns the summary."""
-    return Trainer(cfg, resume=resume).run()
+    """Train one run described by ``cfg`` (optionally resumed from a checkpoint); returns the summary.
+    Under torchrun every worker calls this; it leaves the process group at the end."""
+    try:
+        return Trainer(cfg, resume=resume).run()
+    finally:
+        cleanup()
