@@ -11,12 +11,14 @@ references:
   statistics would differ per shard) they equal the single-process step on the whole B1 and B2;
 * every rank ends with bit-identical weights, buffers and optimizer state;
 * SAM under DDP ascends per worker (its first pass inside ``no_sync``) and averages the second
-  gradient, checked against a hand-written computation;
-* RWP and m-ARWP under DDP equal the single-process method on the concatenated batch.
+  gradient, checked against a hand-written computation, also with ``gradient_as_bucket_view``; a
+  non-finite g0 on one worker makes every worker skip the update instead of leaving the others
+  waiting in the all-reduce;
+* RWP and m-ARWP under DDP equal the single-process method on the concatenated batch, and so does
+  m-RWP with a λ = 1 group under ``gradient_as_bucket_view``.
 
 Models and data are float64, so "equal" means to ~1e-10, far below any difference in the maths.
 """
-import inspect
 import math
 import os
 import socket
@@ -42,27 +44,6 @@ RHO = 0.1
 COLLECTIVE_TIMEOUT_S = 30  # a worker waiting on a dead peer gives up after this
 LAUNCH_TIMEOUT_S = 90  # the whole group of workers, startup included
 ATOL = 1e-10
-# Until sam.py enters DDP's no_sync itself, the tests run SAM through the subclass below.
-SAM_HAS_NO_SYNC = "no_sync" in inspect.getsource(flatmin.optim.sam)
-# Whether mrwp.py keeps a copy of the dropped λ = 1 gradients under DDP's gradient_as_bucket_view.
-MRWP_KNOWS_BUCKET_VIEW = "gradient_as_bucket_view" in inspect.getsource(flatmin.optim.mrwp)
-
-
-class LocalAscentSAM(flatmin.SAM):
-    """SAM whose first pass runs inside DDP's ``no_sync``: the patch proposed for ``SAM.step``."""
-
-    def step(self, closure=None):
-        calls = 0
-
-        def first_pass_local():
-            nonlocal calls
-            calls += 1
-            if calls == 1:
-                with self.model.no_sync():
-                    return closure()
-            return closure()
-
-        return super().step(first_pass_local)
 
 
 # ---------------------------------------------------------------- shared by workers and references
@@ -129,10 +110,7 @@ def data_parallel(method: str, env: DistEnv, bucket_view: bool = False, poisoned
     model = make_model(bn=False)
     ddp = DDP(model, gradient_as_bucket_view=bucket_view)
     if method == "sam":
-        cls = flatmin.SAM if SAM_HAS_NO_SYNC else LocalAscentSAM
-        # Each worker shifts by its own ε: subtracting it again would leave the workers a few ulp
-        # apart, so only an exact restore keeps them identical.
-        opt = cls(model.parameters(), torch.optim.SGD, model=ddp, rho=RHO, exact_restore=True, **HPARAMS)
+        opt = flatmin.SAM(model.parameters(), torch.optim.SGD, model=ddp, rho=RHO, **HPARAMS)
     elif method == "rwp":
         opt = flatmin.RWP(model.parameters(), torch.optim.SGD, model=ddp, sigma=0.05, seed=0, **HPARAMS)
     else:
@@ -335,14 +313,17 @@ def test_parallel_four_workers_equal_single_process_on_whole_batches(four_worker
     assert_close(got["state"], ref["state"])
 
 
-def test_every_rank_ends_identical(two_workers, four_workers):
+@pytest.mark.parametrize("workers, name", [("two_workers", name) for name in TWO_WORKERS]
+                         + [("four_workers", name) for name in FOUR_WORKERS])
+def test_every_rank_ends_identical(request, workers, name):
+    # SAM: each worker shifts by its own ε, so subtracting it again would leave the workers a few ulp
+    # apart (momentum and weight decay then carry it on); only an exact restore keeps them identical.
     def without_losses(result):  # each rank's loss is on its own batch
         return {key: value for key, value in result.items() if key != "losses"}
 
-    for results in (two_workers, four_workers):
-        for rank, result in enumerate(results[1:], start=1):
-            for name, scenario in result.items():
-                assert_identical(without_losses(scenario), without_losses(results[0][name]), f"rank {rank}, {name}")
+    results = request.getfixturevalue(workers)
+    for rank, result in enumerate(results[1:], start=1):
+        assert_identical(without_losses(result[name]), without_losses(results[0][name]), f"rank {rank}")
 
 
 @pytest.mark.parametrize("scenario", ["ddp sam", "ddp sam bucket view"])
@@ -356,7 +337,6 @@ def test_ddp_sam_ascends_per_worker_and_averages_the_second_gradient(two_workers
     assert max(float((a - b).abs().max()) for a, b in zip(got, shared_ascent)) > 1e-4
 
 
-@pytest.mark.skipif(not SAM_HAS_NO_SYNC, reason="needs the DDP patch in flatmin/optim/sam.py")
 def test_ddp_sam_non_finite_g0_on_one_worker_skips_on_all(tmp_path):
     # The worker with the non-finite g0 must still reach the all-reduced second pass (else the others
     # wait there forever); the non-finite average then makes every worker skip the same update.
@@ -376,9 +356,9 @@ def test_ddp_equals_single_process_on_concatenated_batch(two_workers, method):
     assert_close(got["state"], ref["state"])
 
 
-@pytest.mark.xfail(not MRWP_KNOWS_BUCKET_VIEW, strict=True,
-                   reason="mrwp.py: the λ = 1 gradient it sets aside lives in DDP's bucket and is overwritten")
 def test_ddp_lam_one_group_with_gradient_as_bucket_view(two_workers):
+    # m-(A)RWP sets the perturbed gradient of a λ = 1 group aside during the clean pass; with
+    # gradient_as_bucket_view it lives in DDP's bucket, which the clean pass must not overwrite.
     ref = reference_single("m-rwp", head_lam=1.0)
     got = two_workers[0]["ddp m-rwp head λ=1 bucket view"]
     assert_close(got["params"], ref["params"], "params")

@@ -110,7 +110,7 @@ def init_distributed(
     elif device.type == "cpu":
         backend = "gloo"
     else:
-        raise DistributedError(f"--device {device} is not supported for distributed runs; use cpu (gloo) or cuda (NCCL)")
+        raise DistributedError(f"--device {device} cannot run distributed; use cpu (gloo) or cuda (NCCL)")
     try:
         dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size, timeout=timeout)
     except (RuntimeError, ValueError) as err:  # DistStoreError and friends: unreachable or wrong MASTER_*

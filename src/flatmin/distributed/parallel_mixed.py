@@ -112,7 +112,7 @@ class ParallelMixedStep:
             raise RuntimeError("ParallelMixedStep needs torch.distributed: call init_distributed(parallel=True) first")
         model = optimizer.model if model is None else model
         if model is None:
-            raise ValueError("ParallelMixedStep needs the model (pass model= to the optimizer) for its running statistics")
+            raise ValueError("ParallelMixedStep needs the model (give the optimizer model=) for its running statistics")
         if isinstance(model, nn.parallel.DistributedDataParallel):
             raise TypeError("give ParallelMixedStep the plain model, not a DistributedDataParallel wrapper")
         check_parallel_world(dist.get_world_size())

@@ -66,7 +66,11 @@ class MRWP(RWP):
     @contextmanager
     def _dropping_grads_where_lam_is_one(self) -> Iterator[None]:
         """Inside, groups with ``λ = 1`` collect their clean gradient in a fresh ``.grad`` that is dropped."""
-        kept = {p: p.grad for g in self.param_groups if g["lam"] == 1 for p in g["params"]}
+        # Under DDP with gradient_as_bucket_view the clean gradient is written into the very bucket
+        # that holds the kept one: keep a copy there.
+        copy = getattr(self.model, "gradient_as_bucket_view", False)
+        kept = {p: p.grad.clone() if copy and p.grad is not None else p.grad
+                for g in self.param_groups if g["lam"] == 1 for p in g["params"]}
         for p in kept:
             p.grad = None
         try:

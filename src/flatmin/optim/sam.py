@@ -59,6 +59,7 @@ class SAM(WrappedOptimizer):
         if closure is None:
             self._call(None)
         self.zero_grad(set_to_none=True)
+        distributed = isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
         with self._per_worker():
             loss = self._call(closure)
         per_group = []
@@ -75,7 +76,9 @@ class SAM(WrappedOptimizer):
             return loss
         # One norm over all tensors: ||g0|| for SAM, ||T g0|| for ASAM (the sign of w does not matter).
         norm = float(global_norm(eps))
-        if not math.isfinite(norm):
+        # Under DDP every worker must reach the all-reduced second pass: there a non-finite ε makes the
+        # averaged gradient non-finite on every worker, and all of them skip the update together.
+        if not math.isfinite(norm) and not distributed:
             self._update()  # .grad still holds the non-finite g0 (times |w|): the update is skipped
             return loss
         for group, group_params, group_eps in per_group:
@@ -85,7 +88,9 @@ class SAM(WrappedOptimizer):
                 torch._foreach_mul_(group_eps, group["rho"] / max(norm, 1e-12))
         for p in params:
             p.grad = None
-        with frozen_norm_stats(self.model), shifted_weights(params, lambda: iter(eps), exact=self.exact_restore):
+        # Each worker shifts by its own ε: only an exact restore brings all of them back to the same w.
+        exact = self.exact_restore or distributed
+        with frozen_norm_stats(self.model), shifted_weights(params, lambda: iter(eps), exact=exact):
             self._call(closure)
         del eps
         self._update()
