@@ -35,7 +35,7 @@ def torchrun(*args, timeout=180):
     return proc.returncode, out
 
 
-@pytest.mark.parametrize("method, extra", [("m-arwp", ["--parallel"]), ("sam", []), ("arwp", [])])
+@pytest.mark.parametrize("method, extra", [("m-arwp", ["--parallel"]), ("sam", []), ("arwp", []), ("nrs", [])])
 def test_torchrun_trains_and_rank0_alone_writes(tmp_path, method, extra):
     code, out = torchrun("--method", method, "--epochs", "2", "--out", str(tmp_path / "run"), *extra)
     assert code == 0, out

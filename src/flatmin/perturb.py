@@ -115,7 +115,8 @@ def gaussian_shift(
     Undoing needs ``ε`` again. Drawing it twice doubles the cost of the noise, which on a CPU is
     the main cost of RWP for small models; keeping all of it would be a copy of the weights. So the
     noise of the largest tensors whose sizes add up to at most ``keep_bytes`` is kept, and the rest
-    is drawn again from the generator state saved before each of those tensors was drawn. The kept
+    is drawn again: each run of consecutive redrawn tensors from the generator state saved where
+    that run began (one state per run, not per tensor). The kept
     noise is subtracted first and freed before any redraw, so the memory beyond the weights is at
     most ``keep_bytes`` at any moment (plus one redrawn tensor once the kept noise is gone). The
     generator ends where one draw of all the noise leaves it.
@@ -136,8 +137,8 @@ def gaussian_shift(
     try:
         with torch.no_grad():
             for i, (p, scale) in enumerate(zip(params, scales)):
-                if i not in keep:
-                    states[i] = generator.get_state()
+                if i not in keep and (i == 0 or i - 1 in keep):
+                    states[i] = generator.get_state()  # a run of redrawn tensors starts here
                 delta = gaussian_draw(p.shape, generator, p).mul_(scale)
                 p.add_(delta)
                 applied.append(i)
@@ -151,7 +152,9 @@ def gaussian_shift(
             for i in list(kept):
                 params[i].sub_(kept.pop(i))
             for i in applied:
+                if i in keep:
+                    continue
                 if i in states:
                     generator.set_state(states[i])
-                    params[i].sub_(gaussian_draw(params[i].shape, generator, params[i]).mul_(scales[i]))
+                params[i].sub_(gaussian_draw(params[i].shape, generator, params[i]).mul_(scales[i]))
         generator.set_state(end)

@@ -3,15 +3,18 @@
 * ``init_distributed`` / ``cleanup``: one worker per process, gloo on CPU, NCCL on CUDA.
 * ``ParallelMixedStep``: m-RWP/m-ARWP with the clean and the perturbed gradient on different
   workers at once (N = 2k workers, one update in the wall time of one SGD step).
+* ``average_gradients`` / ``broadcast_buffers``: data parallelism by hand, for losses such as NRS
+  whose two forwards per backward do not fit DDP.
 * Every other method is plain data parallelism with ``torch.nn.parallel.DistributedDataParallel``:
   pass the DDP-wrapped model as the optimizer's ``model=``. The running statistics then follow the
   method, and SAM runs its first pass inside ``no_sync``: every worker ascends along its own
   gradient, and only the second gradient is averaged.
 """
+from .collectives import average_gradients, broadcast_buffers
 from .env import DistEnv, DistributedError, check_parallel_world, cleanup, init_distributed, is_distributed
 from .parallel_mixed import ParallelMixedStep
 
 __all__ = [
-    "DistEnv", "DistributedError", "ParallelMixedStep", "check_parallel_world", "cleanup", "init_distributed",
+    "DistEnv", "DistributedError", "average_gradients", "broadcast_buffers", "ParallelMixedStep", "check_parallel_world", "cleanup", "init_distributed",
     "is_distributed",
 ]

@@ -44,36 +44,19 @@ when one exits with an error: a parallel job does not survive a failing closure.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch._utils import _flatten_dense_tensors, _take_tensors, _unflatten_dense_tensors
 
 from ..norm_stats import frozen_norm_stats
 from ..optim.arwp import AdaptiveNoise
 from ..optim.base import Closure
 from ..optim.mrwp import MRWP
 from ..perturb import filter_sq_sums, gaussian_draw, gaussian_shift, is_filterwise
+from .collectives import coalesced
 from .env import check_parallel_world
-
-Collective = Callable[[Tensor], Any]  # takes a flat buffer, returns the async work handle
-
-
-def _coalesced(tensors: Sequence[Tensor], collective: Collective, bucket_bytes: int) -> None:
-    """Run ``collective`` on flat buckets of ``tensors`` (one dtype each) and copy the results back.
-
-    All buckets are issued before the first wait, so their transfers overlap.
-    """
-    in_flight = []
-    for bucket in _take_tensors(tensors, bucket_bytes):
-        flat = _flatten_dense_tensors(bucket)
-        in_flight.append((collective(flat), flat, bucket))
-    for work, flat, bucket in in_flight:
-        work.wait()
-        torch._foreach_copy_(bucket, _unflatten_dense_tensors(flat, bucket))
-
 
 def _zero_stats_like(p: Tensor) -> Tensor:
     """Zeros shaped and typed as ``filter_sq_sums(p)``: one number per filter, or per element of 1-D."""
@@ -130,10 +113,10 @@ class ParallelMixedStep:
         self._start_in_sync()
 
     def _broadcast_from_rank0(self, tensors: Sequence[Tensor]) -> None:
-        _coalesced(tensors, lambda flat: dist.broadcast(flat, src=0, async_op=True), self.bucket_bytes)
+        coalesced(tensors, lambda flat: dist.broadcast(flat, src=0, async_op=True), self.bucket_bytes)
 
     def _sum(self, tensors: Sequence[Tensor], group: Optional[dist.ProcessGroup] = None) -> None:
-        _coalesced(tensors, lambda flat: dist.all_reduce(flat, group=group, async_op=True), self.bucket_bytes)
+        coalesced(tensors, lambda flat: dist.all_reduce(flat, group=group, async_op=True), self.bucket_bytes)
 
     @torch.no_grad()
     def _start_in_sync(self) -> None:

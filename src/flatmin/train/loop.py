@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from .. import __version__
 from ..analysis import hessian_eigenvalues, hessian_trace
 from ..data import load_dataset, make_loaders
-from ..distributed import DistEnv, ParallelMixedStep, cleanup, init_distributed
+from ..distributed import DistEnv, ParallelMixedStep, average_gradients, broadcast_buffers, cleanup, init_distributed
 from ..losses import NRSLoss
 from ..models import create_model
 from ..optim import CosineIncSigma, create
@@ -104,8 +104,6 @@ class Trainer:
         # Under torchrun: one worker per process; rank 0 logs and writes, every rank trains.
         self.env: DistEnv = init_distributed(cfg.device, parallel=cfg.parallel)
         self.distributed = self.env.world_size > 1
-        if self.distributed and cfg.method == "nrs":
-            raise ConfigError("nrs does not run under torchrun yet: train it in one process")
         self.device = self.env.device if self.distributed else _resolve_device(cfg.device)
         self.out = Path(cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -118,9 +116,11 @@ class Trainer:
             device=self.device, seed=cfg.seed, num_workers=cfg.num_workers,
             shard=(self.env.rank, self.env.world_size))
         self.model = create_model(cfg.model, self.dataset.num_classes, self.dataset.input_shape).to(self.device)
-        # Data parallelism for every method but parallel m-(A)RWP, which does its own communication.
+        # Data parallelism with DDP for every method but parallel m-(A)RWP, which does its own
+        # communication, and NRS, whose two forwards per backward do not fit DDP (averaged by hand).
         self.net: nn.Module = self.model
-        if self.distributed and not cfg.parallel:
+        self.manual_sync = self.distributed and cfg.method == "nrs"
+        if self.distributed and not cfg.parallel and not self.manual_sync:
             self.net = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
         self.amp = _amp_context(cfg, self.device)
@@ -242,6 +242,8 @@ class Trainer:
             return self.optimizer.step(*closures)
         self.optimizer.zero_grad(set_to_none=True)
         loss = closures[0]()
+        if self.manual_sync:
+            average_gradients(self.model.parameters())
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.cfg.clip is not None:
@@ -250,6 +252,8 @@ class Trainer:
             self.scaler.step(self.optimizer)
         else:
             self.optimizer.step()
+        if self.manual_sync:
+            broadcast_buffers(self.model)  # rank 0's running statistics, as DDP keeps them
         return loss
 
     def _batches(self) -> Any:
