@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
@@ -153,6 +154,7 @@ def worker(out: Path, names) -> None:
     try:
         results = {name: SCENARIOS[name](env) for name in names}
         torch.save(results, out / f"rank{env.rank}.pt")
+        dist.barrier()  # no rank tears the group down while a peer still uses it
     finally:
         cleanup()
 

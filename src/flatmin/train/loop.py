@@ -378,6 +378,11 @@ def train(cfg: TrainConfig, resume: Optional[str] = None) -> Dict[str, Any]:
     """Train one run described by ``cfg`` (optionally resumed from a checkpoint); returns the summary.
     Under torchrun every worker calls this; it leaves the process group at the end."""
     try:
-        return Trainer(cfg, resume=resume).run()
+        summary = Trainer(cfg, resume=resume).run()
+        if torch.distributed.is_initialized():
+            # Every rank done before any tears the group down: a rank leaving early can abort a
+            # peer that is still closing its gloo connections.
+            torch.distributed.barrier()
+        return summary
     finally:
         cleanup()
