@@ -187,10 +187,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     handlers = {"train": _train, "compare": _compare, "analyze": _analyze}
     try:
-        return handlers[args.command](args)
+        code = handlers[args.command](args)
     except (ConfigError, CheckpointError, ValueError, TypeError, FileNotFoundError, NotADirectoryError) as err:
         print(f"flatmin {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        code = 2
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # A torchrun worker whose work is done and whose process group is destroyed: skip the
+        # interpreter's teardown, where gloo's threads occasionally abort the process
+        # ("terminate called without an active exception") and torchrun would report a failure.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -1,76 +1,105 @@
-"""Data: offline data sets held as tensors (digits, mnist1d, cifar10, cifar100) or read lazily from
-image folders (imagefolder), and loaders whose batches are reproducible per (seed, epoch)."""
+"""Data sets and loaders, all offline.
+
+    ds = load_dataset("cifar10", data_dir="data", val_fraction=0.1, cutout=16)
+    train_loader, eval_loaders = make_loaders(ds, batch_size=128, device="cuda", seed=0)
+    for epoch in range(epochs):
+        train_loader.set_epoch(epoch)
+        for x, y in train_loader:
+            ...
+
+``digits``, ``mnist1d``, ``cifar10`` and ``cifar100`` are held in memory as tensors
+(:class:`Dataset`); ``imagefolder`` is decoded lazily from image files (:class:`FolderDataset`).
+Both kinds get loaders with the same contract: ``set_epoch``, ``len``, iteration and ``iter_from``,
+with batches fixed by ``(seed, epoch)``.
+"""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple, Union
+import os
+from pathlib import Path
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 
 from .cifar import load_cifar
 from .dataset import Dataset, with_validation
-from .imagefolder import FolderLoader, load_imagefolder
-from .loader import BatchLoader
-from .small import load_digits_dataset, load_mnist1d_dataset
+from .digits import load_digits
+from .imagefolder import FolderDataset, load_imagefolder
+from .loader import BatchLoader, FolderLoader
+from .mnist1d import load_mnist1d
 
 DATASETS = ("digits", "mnist1d", "cifar10", "cifar100", "imagefolder")
+Loader = Union[BatchLoader, FolderLoader]
 
 
-class FolderDataset:
-    """An image-folder data set: lazily decoded, so it holds datasets rather than tensors."""
+def load_dataset(name: str, data_dir: Optional[Union[str, os.PathLike]] = None, val_fraction: float = 0.0,
+                 seed: int = 0, cutout: int = 0, image_size: int = 224) -> Union[Dataset, FolderDataset]:
+    """The data set ``name`` (one of :data:`DATASETS`).
 
-    def __init__(self, data_dir: Optional[str], image_size: int) -> None:
-        self.name = "imagefolder"
-        self.train, self.test = load_imagefolder(data_dir, image_size)
-        self.num_classes = len(self.train.classes)
-        self.input_shape = (3, image_size, image_size)
-
-
-def load_dataset(name: str, data_dir: Optional[str] = None, val_fraction: float = 0.0, seed: int = 0,
-                 cutout: int = 0, image_size: int = 224) -> Union[Dataset, FolderDataset]:
-    """The data set ``name``; ``val_fraction`` of TRAIN becomes a validation split fixed by ``seed``."""
+    Args:
+        data_dir: where the files are: the CIFAR archive or its extracted folder, the ``train/`` and
+            ``val/`` folders of ``imagefolder`` (both default ``./data``), or the cache of the
+            generated ``mnist1d`` (default ``~/.cache/flatmin``). ``digits`` ships with scikit-learn.
+        val_fraction: hold out this fraction of TRAIN, stratified by class, as ``val_x``/``val_y``.
+        seed: fixes which samples the validation split holds.
+        cutout: CIFAR only: the side of the square Cutout zeroes in every training image (0: off).
+        image_size: ``imagefolder`` only: the side of the crops.
+    """
     if name not in DATASETS:
         raise ValueError(f"unknown data {name!r}: choose one of {', '.join(DATASETS)}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction={val_fraction} is not allowed: it must be in [0, 1)")
+    if cutout < 0:
+        raise ValueError(f"cutout={cutout} is not allowed: it must be >= 0 (0 turns it off)")
+    if cutout and name not in ("cifar10", "cifar100"):
+        raise ValueError(f"cutout={cutout} is not allowed for {name}: Cutout applies to cifar10 and cifar100 only")
+    if data_dir is not None:
+        data_dir = Path(data_dir).expanduser()  # a config file's "~/data" reaches us unexpanded
     if name == "imagefolder":
-        if val_fraction > 0:
-            raise ValueError("imagefolder has its own val/ folder: val_fraction must be 0")
-        return FolderDataset(data_dir, image_size)
+        if val_fraction:
+            raise ValueError(f"val_fraction={val_fraction} is not allowed for imagefolder: its val/ folder is "
+                             f"the held-out split; use 0")
+        return load_imagefolder(data_dir, image_size)
     if name == "digits":
-        ds = load_digits_dataset()
+        ds = load_digits()
     elif name == "mnist1d":
-        ds = load_mnist1d_dataset(data_dir)
+        ds = load_mnist1d(data_dir)
     else:
         ds = load_cifar(name, data_dir, cutout)
     return with_validation(ds, val_fraction, seed)
 
 
-def make_loaders(ds: Union[Dataset, FolderDataset], batch_size: int, eval_batch_size: int,
-                 device: Union[str, torch.device] = "cpu", seed: int = 0, num_workers: int = 0,
-                 shard: Tuple[int, int] = (0, 1)) -> Tuple[Any, Dict[str, Any]]:
-    """The training loader and the evaluation loaders (``train``, ``test``, ``val`` when present).
+def make_loaders(ds: Union[Dataset, FolderDataset], batch_size: int, device: Union[str, torch.device] = "cpu",
+                 seed: int = 0, *, eval_batch_size: Optional[int] = None, num_workers: int = 0,
+                 shard: Tuple[int, int] = (0, 1)) -> Tuple[Loader, Dict[str, Loader]]:
+    """The training loader (shuffled, augmented) and the evaluation loaders by split name: ``train``
+    (the training set unaugmented), ``test``, and ``val`` when ``ds`` has one. An image-folder data
+    set gets ``test`` only, since a pass over a large training set per evaluation is too costly.
 
-    With ``shard = (rank, world)`` the training loader yields this rank's part of every global
-    batch, and each evaluation loader covers every ``world``-th sample from ``rank`` on: together
-    the ranks see each evaluation sample exactly once.
+    With ``shard = (rank, world)`` the training loader yields this rank's share of every global
+    batch, and each evaluation loader covers every ``world``-th sample from ``rank`` on, so that
+    together the ranks evaluate each sample exactly once. ``num_workers`` decoding processes serve
+    ``imagefolder``; in-memory data needs none.
     """
     rank, world = shard
     device = torch.device(device)
+    eval_batch_size = eval_batch_size or batch_size
     if isinstance(ds, FolderDataset):
-        train = FolderLoader(ds.train, batch_size, shuffle=True, seed=seed, device=device,
-                             num_workers=num_workers, shard=shard)
-        test = FolderLoader(torch.utils.data.Subset(ds.test, range(rank, len(ds.test), world)), eval_batch_size,
-                            shuffle=False, device=device, num_workers=num_workers)
+        train = FolderLoader(ds.train, batch_size, shuffle=True, seed=seed, device=device, num_workers=num_workers,
+                             shard=shard)
+        test = FolderLoader(ds.test.shard(rank, world), eval_batch_size, shuffle=False, device=device,
+                            num_workers=num_workers)
         return train, {"test": test}
-    # Move each split to the device once; the training and evaluation loaders then share it.
+    # Move the training set to the device once: the training and the evaluation loader share it.
     train_x, train_y = ds.train_x.to(device), ds.train_y.to(device)
-    train = BatchLoader(train_x, train_y, batch_size, shuffle=True, augment=ds.augment,
-                        transform=ds.transform, seed=seed, device=device, shard=shard)
+    train = BatchLoader(train_x, train_y, batch_size, shuffle=True, augment=ds.augment, transform=ds.transform,
+                        seed=seed, device=device, shard=shard)
     splits = {"train": (train_x, train_y), "test": (ds.test_x, ds.test_y)}
     if ds.val_x is not None:
         splits["val"] = (ds.val_x, ds.val_y)
-    evals = {name: BatchLoader(x[rank::world], y[rank::world], eval_batch_size, shuffle=False,
-                               transform=ds.transform, device=device)
-             for name, (x, y) in splits.items()}
+    evals = {split: BatchLoader(x[rank::world], y[rank::world], eval_batch_size, shuffle=False,
+                                transform=ds.transform, device=device)
+             for split, (x, y) in splits.items()}
     return train, evals
 
 
-__all__ = ["BatchLoader", "DATASETS", "Dataset", "FolderLoader", "load_dataset", "make_loaders"]
+__all__ = ["DATASETS", "BatchLoader", "Dataset", "FolderDataset", "FolderLoader", "load_dataset", "make_loaders"]
