@@ -11,7 +11,7 @@ floored at ``1e-16`` so that an all-zero tensor is perturbed by 0 rather than Na
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -48,6 +48,21 @@ def filter_sq_sums(g: Tensor) -> Tensor:
         # vector_norm reduces without materialising g², keeping the transient memory at zero.
         return torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1, dtype=dtype).square_()
     return g.to(dtype).square()
+
+
+def owned_generator(
+    seed: Optional[int] = None, generator: Optional[torch.Generator] = None, device: torch.device = torch.device("cpu")
+) -> torch.Generator:
+    """The generator a method draws its noise from: ``generator`` itself, or a new one on ``device``
+    seeded with ``seed`` (drawn from torch's global generator when ``None``, so that
+    ``torch.manual_seed`` makes runs repeatable). Giving both is an error."""
+    if seed is not None and generator is not None:
+        raise ValueError("give either seed= or generator=, not both")
+    if generator is not None:
+        return generator
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    return torch.Generator(device=device).manual_seed(int(seed))
 
 
 def gaussian_draw(shape: torch.Size, generator: torch.Generator, like: Tensor) -> Tensor:

@@ -51,7 +51,7 @@ from torch.func import functional_call
 
 from ..norm_stats import frozen_norm_stats
 from ..optim.base import check_range
-from ..perturb import filter_norms, filter_view, gaussian_draw, is_filterwise
+from ..perturb import filter_norms, filter_view, gaussian_draw, is_filterwise, owned_generator
 
 NEIGHBOURS = ("random", "adversarial")
 DIVERGENCES = ("kl", "reverse-kl", "symmetric")
@@ -164,14 +164,7 @@ class NRSLoss:
         self.sigma = sigma
         self.neighbour = _check_choice("neighbour", neighbour, NEIGHBOURS)
         self.divergence = _check_choice("divergence", divergence, DIVERGENCES)
-        if seed is not None and generator is not None:
-            raise ValueError("give either seed= or generator=, not both")
-        if generator is None:
-            generator = torch.Generator()
-            if seed is None:
-                seed = int(torch.randint(0, 2**62, (1,)).item())
-            generator.manual_seed(int(seed))
-        self.generator = generator
+        self.generator = owned_generator(seed, generator)
         self.last_output: Optional[Tensor] = None
         self.last_base_loss: Optional[Tensor] = None
         self.last_divergence: Optional[Tensor] = None

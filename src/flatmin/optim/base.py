@@ -20,6 +20,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Unio
 import torch
 from torch import Tensor, nn
 
+from ..perturb import owned_generator
+
 Closure = Callable[[], Any]
 BaseOptimizer = Callable[..., torch.optim.Optimizer]
 
@@ -93,17 +95,10 @@ class WrappedOptimizer(torch.optim.Optimizer):
             raise TypeError(
                 f"base_optimizer must be an optimizer class such as torch.optim.SGD, not {base_optimizer!r}"
             )
-        if seed is not None and generator is not None:
-            raise ValueError("give either seed= or generator=, not both")
         if max_grad_norm is not None:
             check_range("max_grad_norm", max_grad_norm, 0.0, math.inf, low_open=True, high_open=True)
         params = list(params)
-        if generator is None:
-            generator = torch.Generator(device=_first_device(params))
-            if seed is None:
-                seed = int(torch.randint(0, 2**62, (1,)).item())
-            generator.manual_seed(int(seed))
-        self.generator = generator
+        self.generator = owned_generator(seed, generator, _first_device(params))
         self.model = model
         self.exact_restore = bool(exact_restore)
         self.grad_scaler = grad_scaler
