@@ -54,7 +54,7 @@ from ..norm_stats import frozen_norm_stats
 from ..optim.arwp import AdaptiveNoise
 from ..optim.base import Closure
 from ..optim.mrwp import MRWP
-from ..perturb import filter_sq_sums, gaussian_draw, gaussian_shift, is_filterwise
+from ..perturb import filter_sq_sums, gaussian_draw, is_filterwise
 from .collectives import coalesced
 from .env import check_parallel_world
 
@@ -127,12 +127,6 @@ class ParallelMixedStep:
         self._broadcast_from_rank0([*tensors, state])
         self.optimizer.generator.set_state(state.cpu())
 
-    def _noise_groups(self) -> List[Tuple[dict, List[Tensor]]]:
-        """``(group, its trainable tensors)`` for every group with ``σ > 0``: the tensors ``RWP._perturbed``
-        draws noise for, in its order."""
-        groups = [(group, [p for p in group["params"] if p.requires_grad]) for group in self.optimizer.param_groups]
-        return [(group, group_params) for group, group_params in groups if group["sigma"] != 0 and group_params]
-
     def _entries(self) -> List[Tuple[dict, Tensor]]:
         """``(group, p)`` for every trainable tensor, in the optimizer's order."""
         return [(group, p) for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad]
@@ -154,15 +148,13 @@ class ParallelMixedStep:
         if self.clean:
             if perturbs:
                 # The perturbed ranks' draws, dropped: the generator moves alike on every rank.
-                for _, group_params in self._noise_groups():
+                for _, group_params in opt._noise_groups():
                     for p in group_params:
                         gaussian_draw(p.shape, opt.generator, p)
             loss = opt._call(closure)
         elif perturbs:
-            groups = self._noise_groups()
-            params = [p for _, group_params in groups for p in group_params]
-            scales = [s for group, group_params in groups for s in opt._noise_scales(group_params, group)]
-            with frozen_norm_stats(self.model), gaussian_shift(params, scales, opt.generator, exact=True):
+            # Restored from a copy: subtracting ε again would leave these ranks a few ulp from the clean ones.
+            with frozen_norm_stats(self.model), opt._perturbed(exact=True):
                 loss = opt._call(closure)
 
         entries = self._entries()

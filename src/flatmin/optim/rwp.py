@@ -10,7 +10,7 @@ statistics are updated in the perturbed pass, the only one.
 """
 from __future__ import annotations
 
-from typing import Any, ContextManager, Dict, List, Optional
+from typing import Any, ContextManager, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -44,19 +44,23 @@ class RWP(WrappedOptimizer):
         torch._foreach_mul_(scales, group["sigma"])
         return scales
 
-    def _perturbed(self) -> ContextManager[None]:
-        """A context in which the weights are ``w + ε`` (restored on exit, also on an exception)."""
+    def _noise_groups(self) -> List[Tuple[Dict[str, Any], List[Tensor]]]:
+        """``(group, its trainable tensors)`` for every group with ``σ > 0``, in the order noise is drawn."""
+        groups = [(group, [p for p in group["params"] if p.requires_grad]) for group in self.param_groups]
+        return [(group, params) for group, params in groups if group["sigma"] != 0 and params]
+
+    def _perturbed(self, exact: Optional[bool] = None) -> ContextManager[None]:
+        """A context in which the weights are ``w + ε`` (restored on exit, also on an exception;
+        bit-exactly from a copy when ``exact``, which defaults to ``exact_restore``)."""
         params, scales = [], []
-        for group in self.param_groups:
-            group_params = [p for p in group["params"] if p.requires_grad]
-            if group["sigma"] == 0 or not group_params:
-                continue
+        for group, group_params in self._noise_groups():
             params += group_params
             scales += self._noise_scales(group_params, group)
         # Keeping the noise of tensors up to the size of the largest one costs no more memory than
         # the one transient redrawing needs anyway, and saves most of the second draw.
         keep = max((p.numel() * p.element_size() for p in params), default=0)
-        return gaussian_shift(params, scales, self.generator, exact=self.exact_restore, keep_bytes=keep)
+        exact = self.exact_restore if exact is None else exact
+        return gaussian_shift(params, scales, self.generator, exact=exact, keep_bytes=keep)
 
     def _perturbed_stats(self) -> Optional[Any]:
         """Statistics of the perturbed gradient now in ``.grad`` that the state needs (ARWP)."""
