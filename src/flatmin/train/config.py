@@ -53,6 +53,8 @@ DATA_RECIPES: Dict[str, Dict[str, Dict[str, Any]]] = {
 }
 # Every method the trainer knows: the optimizers of flatmin.create, and NRS (a loss with plain SGD).
 TRAIN_METHODS = (*METHODS, "nrs")
+# What a run shares with plain SGD trained for ``epochs`` (SPEC.md, the papers' comparison protocol).
+BUDGETS = ("epochs", "updates", "gradients")
 METHOD_HPARAMS = ("sigma", "sigma_inc", "lam", "eta", "beta", "rho", "alpha", "neighbour", "divergence")
 # The only settings a resumed run may change: where and how it runs, and how long.
 RESUMABLE_CHANGES = ("epochs", "device", "out", "progress", "threads", "num_workers", "data_dir", "eval_batch_size",
@@ -71,12 +73,17 @@ class TrainConfig:
     method: str = field(default="arwp", metadata={"help": "method: " + ", ".join(TRAIN_METHODS)})
     base: str = field(default="sgd", metadata={"help": "base optimizer: sgd, adamw, adam"})
     epochs: int = field(default=60, metadata={"help": "epochs of data (the mixed methods make half as many updates per epoch)"})
+    budget: str = field(default="epochs", metadata={"help": "what the run shares with SGD trained for --epochs: epochs "
+                                                            "(the same epochs of data), updates (as many updates: "
+                                                            "the mixed methods run about twice the epochs) or gradients "
+                                                            "(as many gradient evaluations: two-gradient methods make "
+                                                            "half the updates)"})
     batch_size: int = field(default=64, metadata={"help": "mini-batch size"})
     eval_batch_size: int = field(default=1024, metadata={"help": "batch size for evaluation"})
     lr: float = field(default=0.05, metadata={"help": "peak learning rate (cosine decay per update)"})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
     weight_decay: float = field(default=5e-4, metadata={"help": "weight decay of the base optimizer"})
-    warmup_epochs: float = field(default=0.0, metadata={"help": "linear learning-rate warm-up, in epochs"})
+    warmup_epochs: float = field(default=0.0, metadata={"help": "linear learning-rate warm-up, in epochs of --epochs (under any budget the same fraction of the run)"})
     label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing of the cross-entropy"})
     clip: Optional[float] = field(default=None, metadata={"help": "clip the update's gradient to this 2-norm"})
     sigma: Optional[float] = field(default=None, metadata={"help": "RWP-family noise radius σ (method default if unset)"})
@@ -120,6 +127,7 @@ class TrainConfig:
         choice("method", self.method, TRAIN_METHODS)
         choice("base", self.base, ("sgd", "adamw", "adam"))
         choice("progress", self.progress, ("auto", "bar", "log", "none"))
+        choice("budget", self.budget, BUDGETS)
         if self.amp is not None:
             choice("amp", self.amp, ("bf16", "fp16"))
         for name in ("epochs", "batch_size", "eval_batch_size"):

@@ -5,7 +5,8 @@ then the cosine learning rate and the σ schedule advance. Per epoch: evaluation
 ``metrics.jsonl`` and an atomic checkpoint holding everything a resumed run needs to end on the
 same weights as an uninterrupted one: model, optimizer (with its noise generator and ARWP
 statistics), schedulers, the grad scaler, the global RNG state and the epoch (the data order and
-augmentation of an epoch are functions of the seed and the epoch alone).
+augmentation of an epoch are functions of the seed and the epoch alone). A run makes the updates its
+budget allows (``budget_updates``), so its last epoch may end early.
 """
 from __future__ import annotations
 
@@ -48,6 +49,26 @@ def cosine_with_warmup(total_updates: int, warmup_updates: int) -> Callable[[int
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
     return factor
+
+
+def budget_updates(budget: str, epochs: int, sgd_updates_per_epoch: int, updates_per_epoch: int,
+                   grads_per_update: int) -> int:
+    """The updates a run makes under ``budget``, measured against plain SGD trained for ``epochs``
+    epochs (``S = sgd_updates_per_epoch``: one batch and one gradient evaluation per update):
+
+        epochs:     U = epochs · updates_per_epoch       (the same epochs of data)
+        updates:    U = epochs · S                       (as many updates as SGD)
+        gradients:  U = ⌊epochs · S / grads_per_update⌋  (at most as many gradient evaluations)
+
+    The run then lasts ``⌈U / updates_per_epoch⌉`` epochs, the last one cut short where needed.
+    """
+    if budget == "epochs":
+        return epochs * updates_per_epoch
+    if budget == "updates":
+        return epochs * sgd_updates_per_epoch
+    if budget == "gradients":
+        return epochs * sgd_updates_per_epoch // grads_per_update
+    raise ConfigError(f"unknown budget {budget!r}: choose one of epochs, updates, gradients")
 
 
 @torch.no_grad()
@@ -152,8 +173,15 @@ class Trainer:
         # forward (and its adversarial neighbour costs one more pass to find).
         nrs_passes = {"random": 2, "adversarial": 3}.get(hp.get("neighbour"), 2)
         self.grads_per_update = nrs_passes if self.nrs else getattr(self.optimizer, "grads_per_step", 1)
-        self.total_updates = self.updates_per_epoch * cfg.epochs
-        warmup = int(round(cfg.warmup_epochs * self.updates_per_epoch))
+        # SGD's updates per epoch: one batch each (under torchrun, one shard of a global batch each).
+        self.total_updates = budget_updates(cfg.budget, cfg.epochs, len(self.train_loader), self.updates_per_epoch,
+                                            self.grads_per_update)
+        if self.total_updates < 1:
+            raise ConfigError(f"budget={cfg.budget!r} leaves {cfg.method} no update in {cfg.epochs} epochs of "
+                              f"{cfg.data}: use more epochs")
+        self.epochs = -(-self.total_updates // self.updates_per_epoch)
+        # The warm-up is the same fraction of every schedule, whatever the budget made of the epochs.
+        warmup = int(round(cfg.warmup_epochs / cfg.epochs * self.total_updates))
         # On the base optimizer (same param_groups): its step() runs on every path, parallel included.
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
             getattr(self.optimizer, "base_optimizer", self.optimizer), cosine_with_warmup(self.total_updates, warmup))
@@ -260,14 +288,19 @@ class Trainer:
         it = iter(self.train_loader)
         return zip(it, it) if self.pairs else ((b,) for b in it)
 
+    def _updates_done(self) -> int:
+        return sum(row["updates"] for row in self.history)
+
     def _train_epoch(self, progress: Progress) -> Dict[str, Any]:
         self.train_loader.set_epoch(self.epoch)
         self.model.train()
-        progress.start_epoch(self.epoch, self.cfg.epochs, self.updates_per_epoch)
+        # The budget may end the last epoch early (e.g. a mixed method matching SGD's updates).
+        todo = min(self.updates_per_epoch, self.total_updates - self._updates_done())
+        progress.start_epoch(self.epoch, self.epochs, todo)
         loss_sum = torch.zeros((), device=self.device)
         samples = updates = 0
         start = time.perf_counter()
-        for batches in self._batches():
+        for batches in itertools.islice(self._batches(), todo):
             loss = self._update(batches)
             self.lr_schedule.step()
             if self.sigma_schedule is not None:
@@ -275,7 +308,7 @@ class Trainer:
             loss_sum += loss.float()
             samples += sum(len(y) for _, y in batches) * self.env.world_size  # every rank a shard alike
             updates += 1
-            if updates % 10 == 0 or updates == self.updates_per_epoch:
+            if updates % 10 == 0 or updates == todo:
                 progress.update(10 if updates % 10 == 0 else updates % 10, loss=float(loss),
                                 lr=self.optimizer.param_groups[0]["lr"])
         if self.device.type == "cuda":
@@ -291,11 +324,11 @@ class Trainer:
         wall_start = time.perf_counter()
         metrics = open(self.out / "metrics.jsonl", "a") if self.env.is_main else None
         try:
-            last = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, cfg.stop_after)
+            last = self.epochs if cfg.stop_after is None else min(self.epochs, cfg.stop_after)
             while self.epoch < last:
                 stats = self._train_epoch(progress)
                 self.epoch += 1
-                row: Dict[str, Any] = {"epoch": self.epoch, "epochs": cfg.epochs, **stats,
+                row: Dict[str, Any] = {"epoch": self.epoch, "epochs": self.epochs, **stats,
                                        "train_time_s": self.train_time,
                                        "lr": self.optimizer.param_groups[0]["lr"],
                                        "sigma": self.optimizer.param_groups[0].get("sigma")}
@@ -328,10 +361,12 @@ class Trainer:
             "versions": {"flatmin": __version__, "torch": torch.__version__, "python": platform.python_version()},
             "seed": cfg.seed,
             "method": cfg.method,
-            "epochs": cfg.epochs,
-            "completed": self.epoch >= cfg.epochs,
-            "updates": self.updates_per_epoch * self.epoch,
-            "grad_evals": self.updates_per_epoch * self.epoch * self.grads_per_update,
+            "budget": cfg.budget,
+            "epochs": self.epochs,
+            "completed": self.epoch >= self.epochs,
+            "updates_per_epoch": self.updates_per_epoch,
+            "updates": self._updates_done(),
+            "grad_evals": self._updates_done() * self.grads_per_update,
             "samples_seen": sum(row["samples"] for row in self.history),
             "train_time_s": self.train_time,
             "wall_time_s": wall_time,
