@@ -163,7 +163,17 @@ def hessian_density(
             theta, s = t.ritz()
             values.append(theta.tolist())
             weights.append((s[0] ** 2).tolist())
-    nodes, mass = np.concatenate(values), np.concatenate(weights) / probes
+    return {**slq_density(values, weights, grid, sigma), "dim": hessian.dim, "ritz_values": values,
+            "ritz_weights": weights}
+
+
+def slq_density(ritz_values: Sequence[Sequence[float]], ritz_weights: Sequence[Sequence[float]],
+                grid: Union[int, Sequence[float]] = 1000, sigma: Optional[float] = None) -> Dict[str, Any]:
+    """The SLQ density ``φ(t)`` of ``hessian_density`` from its Ritz values and weights (one list of
+    each per probe; probes of several models may be pooled, each counting once). Returns ``grid``,
+    ``density`` (lists) and ``sigma``, with the defaults of ``hessian_density``."""
+    nodes = np.concatenate([np.asarray(v, dtype=np.float64) for v in ritz_values])
+    mass = np.concatenate([np.asarray(w, dtype=np.float64) for w in ritz_weights]) / len(ritz_weights)
     span = nodes.max() - nodes.min()
     if sigma is None:
         # A single distinct node (e.g. H = cI) has no range: fall back to its magnitude.
@@ -173,11 +183,4 @@ def hessian_density(
     else:
         points = np.asarray(grid, dtype=np.float64)
     gauss = np.exp(-0.5 * ((points[:, None] - nodes[None, :]) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
-    return {
-        "grid": points.tolist(),
-        "density": (gauss @ mass).tolist(),
-        "sigma": float(sigma),
-        "dim": hessian.dim,
-        "ritz_values": values,
-        "ritz_weights": weights,
-    }
+    return {"grid": points.tolist(), "density": (gauss @ mass).tolist(), "sigma": float(sigma)}

@@ -33,7 +33,7 @@ def analyze(
     loss_fn: LossFn,
     batches: Iterable[Batch],
     what: Sequence[str] = ("hessian", "landscape", "radius"),
-    out_dir: Union[str, Path] = "analysis",
+    out_dir: Optional[Union[str, Path]] = "analysis",
     seed: int = 0,
     *,
     progress: bool = False,
@@ -41,6 +41,7 @@ def analyze(
 ) -> Dict[str, Any]:
     """Run the analyses named in ``what``, write ``analysis.json`` and one PNG per plot into
     ``out_dir``, and return the same dict: a key per part, ``seed`` and ``plots`` (name → PNG path).
+    With ``out_dir=None`` nothing is written and ``plots`` is empty.
 
     ``what`` holds groups (``hessian`` = eigenvalues, trace, density; ``landscape`` = 1-D and 2-D
     slices; ``radius``) or single parts (``eigenvalues``, ``trace``, ``density``, ``landscape_1d``,
@@ -57,19 +58,24 @@ def analyze(
     if unknown:
         raise TypeError(f"options for unknown analyses: {sorted(unknown)}")
     batches = materialize(batches)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     result: Dict[str, Any] = {"seed": seed}
-    written = {}
     for name in parts:
-        run, plot = PARTS[name]
+        run, _ = PARTS[name]
         value = run(model, loss_fn, batches, seed=seed, progress=progress, **(options.get(name) or {}))
         if name == "trace":
             value = {"estimate": value[0], "stderr": value[1]}
         result[name] = value
-        if plot is not None:
-            written[name] = str(plot(value, out / f"{name}.png"))
-    result["plots"] = written
-    with open(out / "analysis.json", "w") as f:
-        json.dump(result, f, indent=1)
+    result["plots"] = {}
+    if out_dir is not None:
+        result["plots"] = plot_parts(result, out_dir)
+        with open(Path(out_dir) / "analysis.json", "w") as f:
+            json.dump(result, f, indent=1)
     return result
+
+
+def plot_parts(result: Dict[str, Any], out_dir: Union[str, Path]) -> Dict[str, str]:
+    """One PNG per plotted part of an ``analyze`` result in ``out_dir``; returns name → path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return {name: str(plot(result[name], out / f"{name}.png"))
+            for name, (_, plot) in PARTS.items() if plot is not None and name in result}
