@@ -208,7 +208,7 @@ def test_analyze_command_writes_json_and_plots(tmp_path, capsys):
     code = main(["analyze", str(run / "checkpoint.pt"), "--batches", "1", "--k", "2", "--probes", "4",
                  "--steps", "5", "--draws", "2", "--out", str(tmp_path / "an")])
     assert code == 0
-    result = json.loads((tmp_path / "an" / "analysis.json").read_text())
+    result = json.loads((tmp_path / "an" / "analysis.json").read_text())["checkpoints"][0]
     assert len(result["eigenvalues"]) == 2 and result["eigenvalues"][0] >= result["eigenvalues"][1]
     for name in ("density", "landscape_1d", "landscape_2d", "radius"):
         assert (tmp_path / "an" / f"{name}.png").exists()

@@ -19,6 +19,9 @@ from .train.checkpoint import CheckpointError
 from .train.config import ConfigError, TrainConfig, load_yaml
 
 DEFAULT_METHODS = "sgd,sam,rwp,arwp,m-rwp,m-arwp,nrs"
+# Where compare's defaults differ from a single run's: the data set where the methods differ, and
+# the papers' protocol (equal updates).
+COMPARE_DEFAULTS = {"data": "mnist1d", "budget": "updates"}
 
 
 def _flag_type(field: dataclasses.Field) -> Any:
@@ -27,14 +30,14 @@ def _flag_type(field: dataclasses.Field) -> Any:
     return args[0] if args else hint
 
 
-def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple = ()) -> None:
+def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple = (), defaults: Optional[Dict[str, Any]] = None) -> None:
     # default=SUPPRESS: only flags the user typed reach the namespace, so they can override a
     # YAML file or a resumed run's settings without the defaults overriding anything.
     for field in dataclasses.fields(TrainConfig):
         if field.name in skip:
             continue
         flag = "--" + field.name.replace("_", "-")
-        help_text = f"{field.metadata.get('help', '')} (default: {field.default})"
+        help_text = f"{field.metadata.get('help', '')} (default: {(defaults or {}).get(field.name, field.default)})"
         kind = _flag_type(field)
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
@@ -58,9 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "flags may change only epochs, device, output and progress display")
 
     compare = commands.add_parser("compare", help="train several methods over several seeds and compare them",
-                                  description="Train every method over several seeds and print a comparison table; "
-                                              "writes results.csv, results.md and accuracy_vs_time.png into --out.")
-    _add_config_flags(compare, skip=("method",))
+                                  description="Train every method over several seeds under one budget and print a "
+                                              "comparison table with each method's difference from SGD; writes "
+                                              "results.csv, results.md, runs.json and PNG plots into --out.")
+    _add_config_flags(compare, skip=("method",), defaults=COMPARE_DEFAULTS)
     compare.add_argument("--methods", default=DEFAULT_METHODS,
                          help=f"comma-separated methods (default: {DEFAULT_METHODS})")
     compare.add_argument("--seeds", type=int, default=3, help="seeds per method, from --seed on (default: 3)")
@@ -69,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     analyze = commands.add_parser(
         "analyze", help="flatness of a trained model: Hessian spectrum, loss landscapes, loss under perturbation",
         description="Analyse a checkpoint written by 'flatmin train'; writes analysis.json and PNG plots.")
-    analyze.add_argument("checkpoint", help="checkpoint.pt of a run (or the run's folder)")
+    analyze.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
+                         help="checkpoint.pt of a run (or the run's folder); several are analysed alike and "
+                              "overlaid, one labelled curve each")
     analyze.add_argument("--what", default="hessian,landscape,radius",
                          help="comma-separated: hessian, landscape, radius, or single parts eigenvalues, trace, "
                               "density, landscape_1d, landscape_2d (default: hessian,landscape,radius)")
@@ -85,42 +91,50 @@ def build_parser() -> argparse.ArgumentParser:
                          help="also the loss along the SAM direction of each radius (default: off)")
     analyze.add_argument("--seed", type=int, default=0, help="seed of every random probe and direction (default: 0)")
     analyze.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    analyze.add_argument("--out", default=None, help="output folder (default: analysis/ beside the checkpoint)")
+    analyze.add_argument("--out", default=None,
+                         help="output folder (default: analysis/ beside the checkpoint; needed for several)")
     return parser
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    import itertools
-
-    import torch.nn.functional as F
-
-    from .analysis import analyze
-    from .data import make_loaders
-    from .train import load_trained
+    from .analysis.plots import overlay, plot_landscape_2d
+    from .analysis.report import plot_parts
+    from .train.flatness import analyze_checkpoints, write_json
 
     for name in ("batches", "batch_size", "k", "probes", "steps", "draws"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)} is not allowed: it must be >= 1")
-    cfg, model, dataset = load_trained(args.checkpoint, args.device)
-    _, loaders = make_loaders(dataset, batch_size=args.batch_size, eval_batch_size=args.batch_size,
-                              device=next(model.parameters()).device, seed=args.seed)
-    if args.split not in loaders:
-        raise ConfigError(f"--split {args.split}: this run has no {args.split} split (it has {', '.join(loaders)})")
-    batches = list(itertools.islice(iter(loaders[args.split]), args.batches))
-    ckpt = Path(args.checkpoint)
+    several = len(args.checkpoints) > 1
+    if several and args.out is None:
+        raise ConfigError(f"{len(args.checkpoints)} checkpoints need --out DIR for their overlays")
+    ckpt = Path(args.checkpoints[0])
     out = Path(args.out) if args.out else (ckpt if ckpt.is_dir() else ckpt.parent) / "analysis"
     what = [w.strip() for w in args.what.split(",") if w.strip()]
     options = {"eigenvalues": {"k": args.k}, "trace": {"probes": args.probes},
                "landscape_1d": {"steps": args.steps}, "landscape_2d": {"steps": max(3, args.steps // 2)},
                "radius": {"draws": args.draws, "adversarial": args.adversarial}}
-    result = analyze(model, F.cross_entropy, batches, what=what, out_dir=out, seed=args.seed, progress=True,
-                     **options)
-    if "eigenvalues" in result:
-        print("top Hessian eigenvalues:", ", ".join(f"{v:.4g}" for v in result["eigenvalues"]))
-    if "trace" in result:
-        print(f"Hessian trace: {result['trace']['estimate']:.4g} ± {result['trace']['stderr']:.2g}")
-    print(f"{cfg.method} on {cfg.data}/{cfg.model}: written {out}/analysis.json and "
-          + ", ".join(Path(p).name for p in result["plots"].values()))
+    entries = analyze_checkpoints(args.checkpoints, what, batches=args.batches, batch_size=args.batch_size,
+                                  split=args.split, seed=args.seed, device=args.device, progress=True,
+                                  options=options)
+    out.mkdir(parents=True, exist_ok=True)
+    if several:
+        plots = overlay([(e["label"], [e]) for e in entries], out)
+        for i, e in enumerate(entries):
+            if "landscape_2d" in e:  # contours do not overlay: one figure per checkpoint
+                plots[f"landscape_2d {e['label']}"] = str(plot_landscape_2d(
+                    e["landscape_2d"], out / f"landscape_2d-{i + 1}.png", title=f"2-D loss landscape: {e['label']}"))
+    else:
+        plots = plot_parts(entries[0], out)
+    write_json(out / "analysis.json", {"batches": args.batches, "batch_size": args.batch_size, "split": args.split,
+                                       "checkpoints": entries, "plots": plots})
+    for e in entries:
+        parts = []
+        if "eigenvalues" in e:
+            parts.append("top Hessian eigenvalues " + ", ".join(f"{v:.4g}" for v in e["eigenvalues"]))
+        if "trace" in e:
+            parts.append(f"trace {e['trace']['estimate']:.4g} ± {e['trace']['stderr']:.2g}")
+        print(f"{e['label']} ({e['data']}/{e['model']}, {e['checkpoint']})" + (": " + "; ".join(parts) if parts else ""))
+    print(f"written: {out}/analysis.json and " + ", ".join(sorted({Path(p).name for p in plots.values()})))
     return 0
 
 
@@ -162,10 +176,10 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .train.compare import compare, markdown_table
+    from .train.compare import compare, markdown_report
 
-    settings = _settings(args, extra=("methods", "seeds", "jobs"))
-    settings.setdefault("out", f"runs/compare-{settings.get('data', TrainConfig.data)}")
+    settings = {**COMPARE_DEFAULTS, **_settings(args, extra=("methods", "seeds", "jobs"))}
+    settings.setdefault("out", f"runs/compare-{settings['data']}")
     base = TrainConfig.from_dict(settings, where=getattr(args, "config", "flags"))
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     try:
@@ -174,8 +188,9 @@ def _compare(args: argparse.Namespace) -> int:
         print("flatmin: interrupted; finished runs keep their summary.json and checkpoints", file=sys.stderr)
         return 130
     print()
-    print(markdown_table(rows))
-    print(f"\nwritten: {base.out}/results.csv, results.md, accuracy_vs_time.png")
+    print(markdown_report(rows, base))
+    written = sorted(p.name for p in Path(base.out).iterdir() if p.is_file())
+    print(f"\nwritten in {base.out}: " + ", ".join(written))
     return 0
 
 

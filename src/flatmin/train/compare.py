@@ -1,21 +1,39 @@
 """Train several methods over several seeds on the same data and model, and compare them.
 
-Every method sees the same epochs of data, learning-rate schedule and seeds; the table states the
-budget each one spent (updates, gradient evaluations) beside its accuracy and training time.
+Every method gets the same data, model, learning-rate schedule and seeds, and a budget measured
+against SGD trained for ``epochs`` (``TrainConfig.budget``): as many updates (the papers' protocol,
+``flatmin compare``'s default), as many gradient evaluations, or the same epochs. Each row states
+what the method spent (epochs, updates, gradient evaluations, samples) beside its test accuracy, its
+difference from SGD paired by seed with a 95 % t-interval, and its training time.
 """
 from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import multiprocessing
 import os
 import statistics
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from ..analysis.plots import overlay
+from . import compare_plots
 from .config import METHOD_DEFAULTS, METHOD_HPARAMS, ConfigError, TrainConfig
+from .flatness import OVERLAY_PARTS, analyze_checkpoint, write_json
 from .loop import train
+from .stats import paired_t_interval
+
+# The flatness overlay of every trained model (--flatness N): modest settings, so that it costs a
+# few seconds per small model; every run is probed with the same seed.
+FLATNESS_OPTIONS = {"density": {"probes": 5, "steps": 30}, "landscape_1d": {"steps": 21}, "radius": {"draws": 5}}
+BUDGET_TEXT = {
+    "updates": "equal updates: every method makes as many updates as SGD in {epochs} epochs "
+               "(the mixed methods, two batches per update, run about twice the epochs)",
+    "gradients": "equal gradient evaluations: every method uses at most as many as SGD in {epochs} epochs "
+                 "(two-gradient methods make half the updates)",
+    "epochs": "equal epochs: every method trains {epochs} epochs of data "
+              "(the mixed methods, two batches per update, make half the updates)",
+}
 
 
 def run_configs(base: TrainConfig, methods: Sequence[str], seeds: int) -> List[TrainConfig]:
@@ -38,8 +56,14 @@ def run_configs(base: TrainConfig, methods: Sequence[str], seeds: int) -> List[T
     return configs
 
 
-def _train_quietly(cfg: TrainConfig) -> Dict[str, Any]:
-    return train(cfg)
+def _run(cfg: TrainConfig) -> Tuple[Dict[str, Any], Optional[Dict[str, Any]]]:
+    """Train one run; with ``cfg.flatness``, also analyse its final model for the overlay."""
+    summary = train(cfg)
+    entry = None
+    if cfg.flatness:
+        entry = analyze_checkpoint(Path(cfg.out) / "checkpoint.pt", OVERLAY_PARTS, batches=cfg.flatness,
+                                   batch_size=cfg.eval_batch_size, seed=0, device=cfg.device, options=FLATNESS_OPTIONS)
+    return summary, entry
 
 
 def _worker_init(threads: int) -> None:
@@ -50,8 +74,9 @@ def _worker_init(threads: int) -> None:
 
 def compare(base: TrainConfig, methods: Sequence[str], seeds: int = 3, jobs: int = 1,
             log: Any = print) -> List[Dict[str, Any]]:
-    """Train every (method, seed); write ``results.csv``, ``results.md``, ``runs.json`` and
-    ``accuracy_vs_time.png`` into ``base.out``; return the table rows."""
+    """Train every (method, seed) under ``base.budget``; write ``results.csv``, ``results.md``,
+    ``runs.json`` and the plots into ``base.out`` (with ``base.flatness``, also the flatness bars,
+    the overlays and ``analysis.json``); return the table rows."""
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ConfigError(f"seeds={seeds!r} is not allowed: it must be an integer >= 1")
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
@@ -60,24 +85,35 @@ def compare(base: TrainConfig, methods: Sequence[str], seeds: int = 3, jobs: int
     out = Path(base.out)
     out.mkdir(parents=True, exist_ok=True)
     summaries: List[Dict[str, Any]] = []
+    entries: List[Dict[str, Any]] = []
 
-    def report(i: int, summary: Dict[str, Any]) -> None:
+    def report(i: int, result: Tuple[Dict[str, Any], Optional[Dict[str, Any]]]) -> None:
+        summary, entry = result
         summaries.append(summary)
+        if entry is not None:
+            entries.append(entry)
         log(f"[{i + 1}/{len(configs)}] {summary['method']:>7} seed {summary['seed']}: "
-            f"test acc {summary['test_acc']:.4f}  train time {summary['train_time_s']:.1f} s")
+            f"test acc {summary['test_acc']:.4f}  {summary['updates']} updates  "
+            f"train time {summary['train_time_s']:.1f} s")
 
     if jobs == 1:
         for i, cfg in enumerate(configs):
-            report(i, train(cfg))
+            report(i, _run(cfg))
     else:
         # Each worker gets its share of the cores; every run then trains under the same conditions.
         threads = max(1, (os.cpu_count() or 1) // jobs)
         context = multiprocessing.get_context("spawn")
         with context.Pool(jobs, initializer=_worker_init, initargs=(threads,)) as pool:
-            for i, summary in enumerate(pool.imap(_train_quietly, configs)):
-                report(i, summary)
+            for i, result in enumerate(pool.imap(_run, configs)):
+                report(i, result)
     rows = table_rows(summaries, methods)
-    write_results(rows, summaries, out)
+    write_results(rows, summaries, out, base)
+    if entries:
+        groups = [(f"{method} ({sum(e['method'] == method for e in entries)} seeds)",
+                   [e for e in entries if e["method"] == method]) for method in methods]
+        plots = overlay(groups, out, prefix="flatness_")
+        write_json(out / "analysis.json", {"batches": base.flatness, "split": "train", "options": FLATNESS_OPTIONS,
+                                           "checkpoints": entries, "plots": plots})
     return rows
 
 
@@ -86,11 +122,14 @@ def _mean_std(values: List[float]) -> Dict[str, float]:
 
 
 def table_rows(summaries: List[Dict[str, Any]], methods: Sequence[str]) -> List[Dict[str, Any]]:
-    """One row per method: means (and std of the test accuracy) over its seeds."""
+    """One row per method: its budget spent, means (and std of the test accuracy) over its seeds,
+    and with SGD among the runs, the test-accuracy difference from SGD paired by seed
+    (``delta_vs_sgd``) with the half-width of its 95 % t-interval (``delta_ci95``)."""
     by_method: Dict[str, List[Dict[str, Any]]] = {}
     for s in summaries:
         by_method.setdefault(s["method"], []).append(s)
     sgd_time: Optional[float] = None
+    sgd_acc = {s["seed"]: s["test_acc"] for s in by_method.get("sgd", [])}
     if "sgd" in by_method:
         sgd_time = statistics.fmean(s["train_time_s"] for s in by_method["sgd"])
     rows = []
@@ -100,37 +139,63 @@ def table_rows(summaries: List[Dict[str, Any]], methods: Sequence[str]) -> List[
             continue
         acc = _mean_std([s["test_acc"] for s in runs])
         time_s = statistics.fmean(s["train_time_s"] for s in runs)
+        first = runs[0]  # the budget is the same for every seed
         row = {
             "method": method,
+            "budget": first["budget"],
             "seeds": len(runs),
             "test_acc_mean": acc["mean"],
             "test_acc_std": acc["std"],
+            "delta_vs_sgd": None,
+            "delta_ci95": None,
             "train_loss": statistics.fmean(s["train_loss"] for s in runs),
             "gap": statistics.fmean(s["gap"] for s in runs),
+            "epochs": first["updates"] / first["updates_per_epoch"],
+            "updates": first["updates"],
+            "grad_evals": first["grad_evals"],
+            "samples": first["samples_seen"],
             "train_time_s": time_s,
             "time_vs_sgd": time_s / sgd_time if sgd_time else None,
-            "grad_evals": runs[0]["grad_evals"],
-            "updates": runs[0]["updates"],
         }
-        if "val_acc" in runs[0]:
+        paired = [s["test_acc"] - sgd_acc[s["seed"]] for s in runs if s["seed"] in sgd_acc]
+        if method != "sgd" and paired:
+            row["delta_vs_sgd"], row["delta_ci95"] = paired_t_interval(paired, 0.95)
+        if "val_acc" in first:
             row["val_acc_mean"] = statistics.fmean(s["val_acc"] for s in runs)
         for key in ("hessian_top", "hessian_trace"):
-            if key in runs[0]:
+            if key in first:
                 row[key] = statistics.fmean(s[key] for s in runs)
         rows.append(row)
     return rows
 
 
+def _delta_cell(row: Dict[str, Any]) -> str:
+    mean, half = row["delta_vs_sgd"], row["delta_ci95"]
+    if mean is None:
+        return "–"
+    if half is None:
+        return f"{100 * mean:+.2f}"
+    cell = f"{100 * mean:+.2f} ± {100 * half:.2f}"
+    return f"**{cell}**" if abs(mean) > half else cell
+
+
+def _epochs_cell(epochs: float) -> str:
+    return f"{epochs:.2f}".rstrip("0").rstrip(".")
+
+
 COLUMNS = [
     ("method", "method", "{}"),
-    ("test acc", None, None),
+    ("test acc", "test_acc_mean", lambda r: f"{100 * r['test_acc_mean']:.2f} ± {100 * r['test_acc_std']:.2f} %"),
+    ("Δ vs SGD (pts)", "delta_vs_sgd", _delta_cell),
     ("val acc", "val_acc_mean", "{:.4f}"),
     ("train loss", "train_loss", "{:.4f}"),
     ("gap", "gap", "{:+.4f}"),
+    ("epochs", "epochs", lambda r: _epochs_cell(r["epochs"])),
+    ("updates", "updates", "{}"),
+    ("grad evals", "grad_evals", "{}"),
+    ("samples", "samples", "{}"),
     ("train time (s)", "train_time_s", "{:.1f}"),
     ("× SGD", "time_vs_sgd", "{:.2f}"),
-    ("grad evals", "grad_evals", "{}"),
-    ("updates", "updates", "{}"),
     ("λ_max", "hessian_top", "{:.3g}"),
     ("tr H", "hessian_trace", "{:.3g}"),
 ]
@@ -138,50 +203,39 @@ COLUMNS = [
 
 def markdown_table(rows: List[Dict[str, Any]]) -> str:
     """The comparison as a Markdown table (columns without data are left out)."""
-    columns = [c for c in COLUMNS if c[1] is None or any(r.get(c[1]) is not None for r in rows)]
+    columns = [c for c in COLUMNS if any(r.get(c[1]) is not None for r in rows)]
     lines = ["| " + " | ".join(c[0] for c in columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         cells = []
-        for title, key, fmt in columns:
-            if key is None:
-                cells.append(f"{100 * r['test_acc_mean']:.2f} ± {100 * r['test_acc_std']:.2f} %")
+        for _, key, fmt in columns:
+            if callable(fmt):
+                cells.append(fmt(r))
             else:
-                value = r.get(key)
-                cells.append("–" if value is None else fmt.format(value))
+                cells.append("–" if r.get(key) is None else fmt.format(r[key]))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def write_results(rows: List[Dict[str, Any]], summaries: List[Dict[str, Any]], out: Path) -> None:
+def markdown_report(rows: List[Dict[str, Any]], base: TrainConfig) -> str:
+    """The budget in words, the table, and how to read its difference column."""
+    seeds = max((r["seeds"] for r in rows), default=0)
+    text = [f"{base.data}, {base.model}, {seeds} seed{'s' if seeds != 1 else ''} from {base.seed}. Budget: "
+            + BUDGET_TEXT[base.budget].format(epochs=base.epochs) + ".", "", markdown_table(rows)]
+    if any(r["delta_vs_sgd"] is not None for r in rows):
+        text += ["", "Δ vs SGD: mean difference in test accuracy (percentage points) from SGD with the same "
+                     "seed, ± the half-width of its 95 % t-interval; bold where the interval excludes 0."]
+    return "\n".join(text)
+
+
+def write_results(rows: List[Dict[str, Any]], summaries: List[Dict[str, Any]], out: Path, base: TrainConfig) -> None:
     with open(out / "results.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         writer.writeheader()
         writer.writerows(rows)
-    (out / "results.md").write_text(markdown_table(rows) + "\n")
-    (out / "runs.json").write_text(json.dumps(summaries, indent=1))
-    plot_accuracy_vs_time(summaries, out / "accuracy_vs_time.png")
-
-
-def plot_accuracy_vs_time(summaries: List[Dict[str, Any]], path: Path) -> None:
-    """Test accuracy after each epoch against cumulative training time, mean over seeds per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    methods = list(dict.fromkeys(s["method"] for s in summaries))
-    for method in methods:
-        runs = [s["history"] for s in summaries if s["method"] == method]
-        epochs = min(len(h) for h in runs)
-        times = [statistics.fmean(h[e]["train_time_s"] for h in runs) for e in range(epochs)]
-        accs = [statistics.fmean(h[e]["test_acc"] for h in runs) for e in range(epochs)]
-        ax.plot(times, [100 * a for a in accs], marker="o", markersize=2, label=method)
-    ax.set_xlabel("training time (s)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Test accuracy against wall time (mean over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    (out / "results.md").write_text(markdown_report(rows, base) + "\n")
+    write_json(out / "runs.json", summaries)
+    methods = [r["method"] for r in rows]
+    compare_plots.plot_accuracy(summaries, methods, out / "accuracy.png", base.budget)
+    compare_plots.plot_accuracy_curves(summaries, methods, out)
+    if base.flatness:
+        compare_plots.plot_flatness(summaries, methods, out / "flatness.png")

@@ -1,0 +1,71 @@
+"""Flatness of trained runs side by side, as the papers' figures show it.
+
+Every checkpoint is analysed on the same batches with the same seed, so the probes, the noise draws
+and the random directions (before each model's filter normalisation) are the same for all of them;
+the results are overlaid in one figure per analysis, one labelled curve per run or per group of runs.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch.nn.functional as F
+
+from ..analysis import analyze
+from ..data import make_loaders
+from .checkpoint import load_checkpoint
+from .config import ConfigError
+from .loop import load_trained
+
+# The analyses that overlay as curves (the 2-D landscape and the scalars do not).
+OVERLAY_PARTS = ("density", "landscape_1d", "radius")
+
+
+def analyze_checkpoint(checkpoint: Union[str, Path], what: Sequence[str] = OVERLAY_PARTS, *, batches: int,
+                       batch_size: int, split: str = "train", seed: int = 0, device: str = "cpu",
+                       progress: bool = False, options: Optional[Dict[str, Dict[str, Any]]] = None) -> Dict[str, Any]:
+    """``analyze`` of the model in a checkpoint written by ``flatmin train``, on the first ``batches``
+    batches of ``split`` (unaugmented, in stored order). Returns the result with what the run was:
+    ``checkpoint``, ``label`` ("method seed N"), ``method``, ``seed`` (the run's), ``data``, ``model``,
+    and ``analysis_seed``."""
+    cfg, model, dataset = load_trained(str(checkpoint), device)
+    _, loaders = make_loaders(dataset, batch_size=batch_size, eval_batch_size=batch_size,
+                              device=next(model.parameters()).device, seed=seed)
+    if split not in loaders:
+        raise ConfigError(f"--split {split}: run {checkpoint} has no {split} split (it has {', '.join(loaders)})")
+    data = list(itertools.islice(iter(loaders[split]), batches))
+    result = analyze(model, F.cross_entropy, data, what=what, out_dir=None, seed=seed, progress=progress,
+                     **(options or {}))
+    del result["plots"]
+    result["analysis_seed"] = result.pop("seed")
+    return {"checkpoint": str(checkpoint), "label": f"{cfg.method} seed {cfg.seed}", "method": cfg.method,
+            "seed": cfg.seed, "data": cfg.data, "model": cfg.model, **result}
+
+
+def analyze_checkpoints(checkpoints: Sequence[Union[str, Path]], what: Sequence[str], **kwargs: Any) -> List[Dict[str, Any]]:
+    """``analyze_checkpoint`` for each, all on one data set; labels made unique with the path."""
+    seen, data = set(), set()
+    for path in checkpoints:
+        file = Path(path) / "checkpoint.pt" if Path(path).is_dir() else Path(path)
+        if file.resolve() in seen:
+            raise ConfigError(f"checkpoint {path} is given twice")
+        seen.add(file.resolve())
+        data.add(str(load_checkpoint(file)["config"].get("data")))
+    if len(data) > 1:
+        raise ConfigError(f"the checkpoints were trained on different data ({', '.join(sorted(data))}): "
+                          "an overlay compares models on the same data")
+    entries = [analyze_checkpoint(path, what, **kwargs) for path in checkpoints]
+    labels = [e["label"] for e in entries]
+    for e in entries:
+        if labels.count(e["label"]) > 1:
+            e["label"] += f" ({e['checkpoint']})"
+    return entries
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Through a temporary file and a rename: an interrupted write leaves no half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    tmp.replace(path)
