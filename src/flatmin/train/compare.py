@@ -106,6 +106,10 @@ def compare(base: TrainConfig, methods: Sequence[str], seeds: int = 3, jobs: int
         with context.Pool(jobs, initializer=_worker_init, initargs=(threads,)) as pool:
             for i, result in enumerate(pool.imap(_run, configs)):
                 report(i, result)
+            # Let the workers exit on their own: the context's terminate() kills them, and a killed
+            # worker leaves its semaphores (tqdm's lock) for the resource tracker to warn about.
+            pool.close()
+            pool.join()
     rows = table_rows(summaries, methods)
     write_results(rows, summaries, out, base)
     if entries:
