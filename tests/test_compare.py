@@ -153,6 +153,14 @@ def test_compare_states_budget_counts_and_differences(tmp_path):
         assert (out / name).read_bytes()[:4] == b"\x89PNG", name
 
 
+def test_compare_in_two_processes_matches_one(tmp_path):
+    # threads=1 in both: the runs then sum in the same order, whichever process trains them.
+    rows = [compare(cfg_for(tmp_path, f"jobs{jobs}", epochs=1), ["sgd", "m-arwp"], seeds=1, jobs=jobs,
+                    log=lambda *_: None) for jobs in (1, 2)]
+    keys = ("method", "test_acc_mean", "delta_vs_sgd", "updates", "grad_evals")
+    assert [[r[k] for k in keys] for r in rows[0]] == [[r[k] for k in keys] for r in rows[1]]
+
+
 # ---------------------------------------------------------------- flatness side by side
 
 @pytest.fixture
