@@ -8,12 +8,15 @@ per update:
 two consecutive mini-batches per update) or the same batch twice.
 
 No buffer holds either gradient. The perturbed pass runs first, into an empty ``.grad``, so
-m-ARWP reads the perturbed gradient alone (gradient accumulation inside the closure included).
-``.grad`` is then scaled by ``λ / (1 − λ)``, the clean pass accumulates on top in place, and the sum
-is scaled by ``1 − λ``: ``(1 − λ) · (λ/(1 − λ) · g2 + g1) = λ · g2 + (1 − λ) · g1``. (For ``λ = 1`` the
-clean gradient is set aside and dropped instead.) The two terms are independent, so the order does
-not change ``g``. Running statistics are updated by the clean pass only; m-ARWP's ``F`` only from the
-perturbed gradient.
+m-ARWP reads the perturbed gradient alone (gradient accumulation inside the closure included), and
+the result is scaled by ``λ / (1 − λ)``. The clean pass then starts from an empty ``.grad`` as well,
+so a closure that zeroes gradients (``opt.zero_grad()``, ``model.zero_grad()``, Lightning's
+closure) cannot wipe the perturbed term: a hook on each tensor folds the clean gradient into the
+held perturbed one the moment autograd accumulates it, in place, exactly where a plain accumulation
+would add it. The sum is scaled by ``1 − λ``:
+``(1 − λ) · (λ/(1 − λ) · g2 + g1) = λ · g2 + (1 − λ) · g1``. (For ``λ = 1`` the clean gradient is
+dropped instead.) The two terms are independent, so the order does not change ``g``. Running
+statistics are updated by the clean pass only; m-ARWP's ``F`` only from the perturbed gradient.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, Optional
 
 import torch
+from torch import Tensor
 
 from ..norm_stats import frozen_norm_stats
 from .arwp import AdaptiveNoise
@@ -64,20 +68,51 @@ class MRWP(RWP):
                 torch._foreach_mul_(grads, factor(group["lam"]))
 
     @contextmanager
-    def _dropping_grads_where_lam_is_one(self) -> Iterator[None]:
-        """Inside, groups with ``λ = 1`` collect their clean gradient in a fresh ``.grad`` that is dropped."""
-        # Under DDP with gradient_as_bucket_view the clean gradient is written into the very bucket
-        # that holds the kept one: keep a copy there.
+    def _clean_pass(self) -> Iterator[None]:
+        """Inside, ``.grad`` starts empty and every gradient autograd accumulates is folded into the
+        held perturbed term; on exit ``.grad`` is that sum (in groups with ``λ = 1``, the perturbed
+        term alone).
+
+        The fold runs in a post-accumulate hook, before DDP's reducer reads ``.grad``, so under DDP
+        the sum is what gets averaged, as a plain accumulation would be.
+        """
+        # Under DDP with gradient_as_bucket_view the held gradient is DDP's bucket, which the clean
+        # pass's reduction overwrites: a group with λ = 1 keeps a copy of it.
         copy = getattr(self.model, "gradient_as_bucket_view", False)
-        kept = {p: p.grad.clone() if copy and p.grad is not None else p.grad
-                for g in self.param_groups if g["lam"] == 1 for p in g["params"]}
-        for p in kept:
-            p.grad = None
+        held: Dict[Tensor, Optional[Tensor]] = {}
+        dropped = set()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if not p.requires_grad:
+                    continue
+                if group["lam"] == 1:
+                    dropped.add(p)
+                    held[p] = p.grad.clone() if copy and p.grad is not None else p.grad
+                else:
+                    held[p] = p.grad
+                p.grad = None
+
+        def fold(p: Tensor) -> None:
+            total = held[p]
+            if p.grad is total:  # a later backward of the same closure accumulated in place
+                return
+            if total is None:
+                held[p] = p.grad
+            else:
+                total.add_(p.grad)
+                p.grad = total
+
+        # The clean gradient of a λ = 1 group stays in its own fresh .grad and is dropped on exit.
+        hooks = [p.register_post_accumulate_grad_hook(fold) for p in held if p not in dropped]
         try:
             yield
         finally:
-            for p, grad in kept.items():
-                p.grad = grad
+            for hook in hooks:
+                hook.remove()
+            for p, total in held.items():
+                # A folded .grad stays: DDP with gradient_as_bucket_view may have moved it into a bucket.
+                if p in dropped or p.grad is None:
+                    p.grad = total
 
     @torch.no_grad()
     def step(  # type: ignore[override]
@@ -95,7 +130,7 @@ class MRWP(RWP):
                 self._call(perturbed_closure, "perturbed_closure")
             pending = self._perturbed_stats()
             self._scale_grads(lambda lam: lam / (1.0 - lam))
-        with self._dropping_grads_where_lam_is_one():
+        with self._clean_pass():
             loss = self._call(closure)
         self._scale_grads(lambda lam: 1.0 - lam)
         self._update(pending)
