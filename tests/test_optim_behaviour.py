@@ -548,6 +548,34 @@ def test_mixed_clean_closure_may_zero_then_accumulate_micro_batches(name):
 
 
 @pytest.mark.parametrize("name", ["m-rwp", "m-arwp"])
+def test_mixed_update_when_the_closure_assigns_grad_itself(name):
+    # Some frameworks (sharded data parallelism, hand-written loops) set .grad without autograd's
+    # accumulation, so no accumulation hook runs: the perturbed term must still be added.
+    results = []
+    for assign in (False, True):
+        model = make_model()
+        opt = make(name, model, lam=0.3)
+
+        def closure_for(x, y):
+            def closure():
+                loss = F.cross_entropy(model(x), y)
+                if assign:
+                    params = [p for p in model.parameters()]
+                    for p, g in zip(params, torch.autograd.grad(loss, params)):
+                        p.grad = g
+                else:
+                    loss.backward()
+                return loss
+            return closure
+
+        for b1, b2 in zip(batches(3, seed=1), batches(3, seed=2)):
+            opt.step(closure_for(*b1), closure_for(*b2))
+        results.append(weights(model))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["m-rwp", "m-arwp"])
 def test_mixed_update_with_a_lam_one_group_and_a_zeroing_closure(name):
     # A group with λ = 1 drops its clean gradient; a zeroing closure must not change that either.
     results = []

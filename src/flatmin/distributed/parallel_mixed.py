@@ -54,7 +54,7 @@ from ..norm_stats import frozen_norm_stats
 from ..optim.arwp import AdaptiveNoise
 from ..optim.base import Closure
 from ..optim.mrwp import MRWP
-from ..perturb import filter_sq_sums, gaussian_draw, is_filterwise
+from ..perturb import filter_sq_sums, is_filterwise
 from .collectives import coalesced
 from .env import check_parallel_world
 
@@ -142,15 +142,14 @@ class ParallelMixedStep:
         opt = self.optimizer
         if closure is None:
             opt._call(None)
-        opt.zero_grad(set_to_none=True)
+        opt._clear_grads()
         perturbs = any(group["lam"] > 0 for group in opt.param_groups)
         loss = None
         if self.clean:
             if perturbs:
                 # The perturbed ranks' draws, dropped: the generator moves alike on every rank.
-                for _, group_params in opt._noise_groups():
-                    for p in group_params:
-                        gaussian_draw(p.shape, opt.generator, p)
+                params = [p for _, p in opt._noise_entries()]
+                opt._noise_layout(params).skip(params, opt.generator)
             loss = opt._call(closure)
         elif perturbs:
             # Restored from a copy: subtracting ε again would leave these ranks a few ulp from the clean ones.

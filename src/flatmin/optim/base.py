@@ -104,6 +104,7 @@ class WrappedOptimizer(torch.optim.Optimizer):
         self.grad_scaler = grad_scaler
         self.max_grad_norm = max_grad_norm
         self.skipped_steps = 0
+        self._ones: Dict[torch.device, Tensor] = {}  # the unscale factor of the finite check, per device
         super().__init__(params, {**defaults, **base_kwargs})
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         # One list of group dicts for both objects: a scheduler or a user editing either sees the same.
@@ -129,8 +130,28 @@ class WrappedOptimizer(torch.optim.Optimizer):
     def _grads(self) -> List[Tensor]:
         return [p.grad for p in self.trainable() if p.grad is not None]
 
+    def _clear_grads(self) -> None:
+        """``.grad = None`` for every tensor (``zero_grad(set_to_none=True)`` without its bookkeeping)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
+
     def _all_finite(self, grads: Sequence[Tensor]) -> bool:
-        return bool(torch.isfinite(global_norm(grads)))
+        """Whether every gradient is finite: one fused check per device and one host sync."""
+        by_device: Dict[torch.device, List[Tensor]] = {}
+        for g in grads:
+            if g.is_sparse or not g.is_floating_point():
+                return bool(torch.isfinite(global_norm(grads)))
+            by_device.setdefault(g.device, []).append(g)
+        found = []
+        for device, group in by_device.items():
+            found_inf = torch.zeros(1, device=device)
+            if device not in self._ones:
+                self._ones[device] = torch.ones(1, device=device)
+            # Unscaling by exactly 1 changes nothing; the op's purpose here is its fused inf/NaN check.
+            torch._amp_foreach_non_finite_check_and_unscale_(group, found_inf, self._ones[device])
+            found.append(found_inf)
+        return not any(bool(found_inf) for found_inf in found)
 
     def _observe(self, pending: Any, inv_scale_sq: float) -> None:
         """Fold statistics of the perturbed gradient into the state (ARWP overrides)."""

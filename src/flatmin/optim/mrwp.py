@@ -92,6 +92,8 @@ class MRWP(RWP):
                     held[p] = p.grad
                 p.grad = None
 
+        folded = set()
+
         def fold(p: Tensor) -> None:
             total = held[p]
             if p.grad is total:  # a later backward of the same closure accumulated in place
@@ -101,6 +103,7 @@ class MRWP(RWP):
             else:
                 total.add_(p.grad)
                 p.grad = total
+            folded.add(p)
 
         # The clean gradient of a λ = 1 group stays in its own fresh .grad and is dropped on exit.
         hooks = [p.register_post_accumulate_grad_hook(fold) for p in held if p not in dropped]
@@ -110,9 +113,13 @@ class MRWP(RWP):
             for hook in hooks:
                 hook.remove()
             for p, total in held.items():
-                # A folded .grad stays: DDP with gradient_as_bucket_view may have moved it into a bucket.
                 if p in dropped or p.grad is None:
                     p.grad = total
+                elif p not in folded and total is not None:
+                    # .grad was set without autograd's accumulation (no hook ran): add the two here.
+                    total.add_(p.grad)
+                    p.grad = total
+                # A folded .grad stays: DDP with gradient_as_bucket_view may have moved it into a bucket.
 
     @torch.no_grad()
     def step(  # type: ignore[override]
@@ -123,7 +130,7 @@ class MRWP(RWP):
         if closure is None:
             self._call(None)
         perturbed_closure = closure if perturbed_closure is None else perturbed_closure
-        self.zero_grad(set_to_none=True)
+        self._clear_grads()
         pending = None
         if any(group["lam"] > 0 for group in self.param_groups):
             with frozen_norm_stats(self.model), self._perturbed():
