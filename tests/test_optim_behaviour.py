@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import flatmin
+from flatmin.diagnostics import StepTracker
 
 ALL = ["sgd", "sam", "asam", "rwp", "arwp", "m-rwp", "m-arwp"]
 PERTURBING = ALL[1:]
@@ -653,8 +654,6 @@ def _memory_model():
 
 
 def _step_peak(name, passes=1, **kw):
-    from memtrack import peak_bytes
-
     model = _memory_model()
     x, y = torch.randn(16, 64), torch.randint(0, 10, (16,))
 
@@ -681,11 +680,14 @@ def _step_peak(name, passes=1, **kw):
     step()  # momentum buffers and ARWP state exist: measure a steady-state step
     largest = max(p.numel() * p.element_size() for p in model.parameters())
     total = sum(p.numel() * p.element_size() for p in model.parameters())
-    return peak_bytes(step), largest, total
+    tracker = StepTracker()
+    with tracker:
+        step()
+    return tracker.peak_bytes, largest, total
 
 
 def test_transient_memory_of_each_method():
-    """Peak live memory of one step over plain SGD's, measured op by op (tests/memtrack.py)."""
+    """Peak live memory of one step over plain SGD's, measured op by op (flatmin.diagnostics)."""
     sgd, largest, total = _step_peak("sgd")
     sgd_two_batches, _, _ = _step_peak("sgd", passes=2)
     slack = 64 * 1024  # per-filter scales, norms and ARWP statistics: a few KiB here
