@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from .train.checkpoint import CheckpointError
-from .train.config import ConfigError, TrainConfig, load_yaml
+from .train.config import NOT_INHERITED, ConfigError, TrainConfig, load_yaml
 
 DEFAULT_METHODS = "sgd,sam,rwp,arwp,m-rwp,m-arwp,nrs"
 
@@ -54,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                                             "bundled 8x8 digits with an MLP, on the CPU, in about a minute.")
     _add_config_flags(train)
     train.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
-                       help="continue from a checkpoint (default: OUT/checkpoint.pt); settings come from it, "
-                            "flags may change only epochs, device, output and progress display")
+                       help="continue from a checkpoint (default: OUT/checkpoint.pt) to the end of its schedule; "
+                            "settings come from it, flags may change only epochs, device, output and progress "
+                            "display, and --stop-after applies only when given again")
 
     compare = commands.add_parser("compare", help="train several methods over several seeds and compare them",
                                   description="Train every method over several seeds and print a comparison table; "
@@ -142,7 +143,7 @@ def _train(args: argparse.Namespace) -> int:
     if resume is not None:
         if resume == "auto":
             resume = str(Path(settings.get("out", TrainConfig.out)) / "checkpoint.pt")
-        saved = load_checkpoint(resume)["config"]
+        saved = {k: v for k, v in load_checkpoint(resume)["config"].items() if k not in NOT_INHERITED}
         cfg = TrainConfig.from_dict({**saved, **settings}, where="resume")
     else:
         cfg = TrainConfig.from_dict(settings, where=getattr(args, "config", "flags"))
@@ -158,7 +159,27 @@ def _train(args: argparse.Namespace) -> int:
     print(f"{cfg.method} on {cfg.data}/{cfg.model}: " + "  ".join(parts)
           + f"  train time {summary['train_time_s']:.1f} s  ({summary['updates']} updates, "
           f"{summary['grad_evals']} gradient evaluations) -> {cfg.out}")
+    ending = _unfinished(cfg, summary)
+    if ending:
+        print(ending)
     return 0
+
+
+def _unfinished(cfg: TrainConfig, summary: Dict[str, Any]) -> Optional[str]:
+    """The last line of ``flatmin train`` when the run is not done or trained nothing: why, and what next."""
+    done, epochs = summary["epochs_done"], summary["epochs"]
+    checkpoint = Path(cfg.out) / "checkpoint.pt"
+    again = f"continue with: flatmin train --resume {checkpoint}"
+    if summary["workers"] > 1:
+        again += " (under the same torchrun launch)"
+    if summary["start_epoch"] == done:  # a resumed run that trained nothing
+        if summary["completed"]:
+            return (f"nothing left to train: {checkpoint} is at epoch {done} of {epochs}, the run is complete "
+                    f"(summary.json written from it); to train longer, resume with --epochs above {epochs}")
+        return f"nothing trained: --stop-after {cfg.stop_after} and {checkpoint} is at epoch {done} of {epochs}; {again}"
+    if summary["stopped_early"]:
+        return f"stopped after epoch {done} of {epochs}; {again}"
+    return None
 
 
 def _compare(args: argparse.Namespace) -> int:

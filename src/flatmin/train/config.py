@@ -57,6 +57,9 @@ METHOD_HPARAMS = ("sigma", "sigma_inc", "lam", "eta", "beta", "rho", "alpha", "n
 # The only settings a resumed run may change: where and how it runs, and how long.
 RESUMABLE_CHANGES = ("epochs", "device", "out", "progress", "threads", "num_workers", "data_dir", "eval_batch_size",
                      "flatness", "stop_after")
+# Settings of one invocation, not of the run: a resumed run does not inherit them from its checkpoint
+# (a run stopped with --stop-after continues to the end of its schedule unless it is given again).
+NOT_INHERITED = ("stop_after",)
 
 
 class ConfigError(ValueError):

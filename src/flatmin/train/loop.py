@@ -99,6 +99,9 @@ class Trainer:
         if resume is not None:
             checkpoint = load_checkpoint(resume)
             self._check_compatible(checkpoint["config"], resume)
+            if cfg.epochs < checkpoint["epoch"]:
+                raise CheckpointError(f"epochs={cfg.epochs} is fewer than the {checkpoint['epoch']} epochs checkpoint "
+                                      f"{resume} has trained already: give --epochs {checkpoint['epoch']} or more")
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
         # Under torchrun: one worker per process; rank 0 logs and writes, every rank trains.
@@ -289,7 +292,9 @@ class Trainer:
         cfg = self.cfg
         progress = Progress(cfg.progress if self.env.is_main else "none")
         wall_start = time.perf_counter()
-        metrics = open(self.out / "metrics.jsonl", "a") if self.env.is_main else None
+        # A fresh run starts its own metrics.jsonl; a resumed one continues what _restore wrote.
+        metrics = open(self.out / "metrics.jsonl", "a" if self.history else "w") if self.env.is_main else None
+        start_epoch = self.epoch
         try:
             last = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, cfg.stop_after)
             while self.epoch < last:
@@ -313,14 +318,14 @@ class Trainer:
         finally:
             if metrics is not None:
                 metrics.close()
-        summary = self._summary(time.perf_counter() - wall_start)
+        summary = self._summary(time.perf_counter() - wall_start, start_epoch)
         if self.env.is_main:
             tmp = self.out / "summary.json.tmp"
             tmp.write_text(json.dumps(summary, indent=2))
             tmp.replace(self.out / "summary.json")
         return summary
 
-    def _summary(self, wall_time: float) -> Dict[str, Any]:
+    def _summary(self, wall_time: float, start_epoch: int) -> Dict[str, Any]:
         cfg = self.cfg
         result: Dict[str, Any] = {
             "config": cfg.to_dict(),
@@ -330,6 +335,9 @@ class Trainer:
             "method": cfg.method,
             "epochs": cfg.epochs,
             "completed": self.epoch >= cfg.epochs,
+            "stopped_early": self.epoch < cfg.epochs,  # by --stop-after: continue with --resume
+            "epochs_done": self.epoch,
+            "start_epoch": start_epoch,  # > 0 for a resumed run; == epochs_done when it trained nothing
             "updates": self.updates_per_epoch * self.epoch,
             "grad_evals": self.updates_per_epoch * self.epoch * self.grads_per_update,
             "samples_seen": sum(row["samples"] for row in self.history),
