@@ -1,22 +1,16 @@
 """`flatmin train` under torchrun: 2 workers on CPU with gloo, on loopback, each run time-bounded."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from flatmin.distributed import free_port
 from flatmin.train.checkpoint import load_checkpoint
 
 BASE = ["--data", "digits", "--model", "mlp", "--batch-size", "64", "--progress", "none"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(*args, timeout=180):
