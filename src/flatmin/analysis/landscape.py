@@ -6,7 +6,7 @@ NeurIPS 2018).
     L(α, β) = L(w + α d + β e)           2-D slice
 
 A direction starts as ``z ~ N(0, I)`` and each of its filters is rescaled to the norm of the same
-filter of the weights (filters as in SPEC.md: slices along dim 0 of tensors with ``ndim >= 2``):
+filter of the weights (filters as in docs/algorithms.md: slices along dim 0 of tensors with ``ndim >= 2``):
 
     d_i = z_i / ||z_i|| · ||W_i||
 

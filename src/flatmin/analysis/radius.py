@@ -1,7 +1,7 @@
 """The expected training loss under random weight perturbation as its radius grows, optionally
 beside the loss along the adversarial (SAM) direction of a comparable size.
 
-Random, as in RWP (SPEC.md), for each radius ``σ`` and draw ``z ~ N(0, I)``:
+Random, as in RWP (docs/algorithms.md), for each radius ``σ`` and draw ``z ~ N(0, I)``:
 
     ε = σ · s(W) ⊙ z            for every trainable tensor W (filter-wise scale s)
 

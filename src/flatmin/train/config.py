@@ -19,7 +19,7 @@ from ..optim import METHODS
 from ..optim.base import check_range
 
 # Method hyperparameters used when the run does not set them. ``sigma_inc`` is the CosineInc
-# growth of σ over the run (SPEC.md): 0 keeps σ constant.
+# growth of σ over the run (docs/algorithms.md, "σ schedule"): 0 keeps σ constant.
 METHOD_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "sgd": {},
     "sam": {"rho": 0.05},
