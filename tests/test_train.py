@@ -137,6 +137,14 @@ def test_stop_after_then_resume_continues_to_the_end_like_an_uninterrupted_run(t
     assert [json.loads(line)["epoch"] for line in (full / "metrics.jsonl").read_text().splitlines()] == [1]
 
 
+@pytest.mark.parametrize("method", ["sgd", "m-arwp"])
+def test_fp16_amp_trains_and_keeps_its_scaler_in_the_checkpoint(tmp_path, method):
+    # The scaler's scale must be updated after every step (GradScaler refuses a second unscale_ before it).
+    summary = train(cfg_for(tmp_path, method=method, epochs=2, amp="fp16"))
+    assert summary["completed"] and summary["test_acc"] > 0.5 and summary["train_loss"] < 2.0
+    assert load_checkpoint(tmp_path / "run")["scaler"]["scale"] > 0
+
+
 def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
     save_checkpoint(path, {"epoch": 1})

@@ -272,6 +272,8 @@ class Trainer:
         start = time.perf_counter()
         for batches in self._batches():
             loss = self._update(batches)
+            if self.scaler is not None:
+                self.scaler.update()  # the scale of the next update: lowered after an inf, raised in time
             self.lr_schedule.step()
             if self.sigma_schedule is not None:
                 self.sigma_schedule.step()
