@@ -68,6 +68,8 @@ def _loss_at(model: nn.Module, loss_fn: LossFn, batches: List[Batch],
 def _axis(span: Tuple[float, float], steps: int) -> np.ndarray:
     if steps < 2:
         raise ValueError(f"a slice needs steps >= 2, got {steps}")
+    if not (isinstance(span, (tuple, list)) and len(span) == 2 and -np.inf < span[0] < span[1] < np.inf):
+        raise ValueError(f"span={span!r} is not allowed: it must be (low, high), finite numbers with low < high")
     return np.linspace(span[0], span[1], steps)
 
 

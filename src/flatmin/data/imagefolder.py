@@ -173,8 +173,14 @@ class FolderLoader(EpochBatches):
         batches = [index.tolist() for _, index in self._indices(start_batch, torch.device("cpu"))]
         loader = torch.utils.data.DataLoader(self.dataset.at_epoch(self.seed, self.epoch), batch_sampler=batches,
                                              num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
-        for x, y in loader:
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        try:
+            for x, y in loader:
+                yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        except ValueError as err:
+            lines = str(err).strip().splitlines()
+            if self.num_workers and len(lines) > 1:  # raised in a worker: torch wraps it in the worker's traceback
+                raise ValueError(lines[-1].removeprefix("ValueError: ")) from None
+            raise
 
 
 @dataclass

@@ -16,7 +16,6 @@ import platform
 import resource
 import time
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -32,10 +31,13 @@ from ..models import create_model
 from ..optim import CosineIncSigma, create
 from ..optim.base import WrappedOptimizer
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .config import RESUMABLE_CHANGES, ConfigError, TrainConfig
+from .config import RESUMABLE_CHANGES, ConfigError, TrainConfig, check_device, output_folder
 from .progress import Progress
 
 Batch = Tuple[Tensor, Tensor]
+# What a checkpoint of a run holds (see Trainer._checkpoint), all needed to resume it.
+RUN_ENTRIES = ("config", "epoch", "train_time", "history", "model", "optimizer", "lr_schedule", "sigma_schedule",
+               "scaler", "nrs", "rng")
 
 
 def cosine_with_warmup(total_updates: int, warmup_updates: int) -> Callable[[int], float]:
@@ -77,6 +79,7 @@ def evaluate(model: nn.Module, loader: Any, amp: Callable[[], Any], distributed:
 
 
 def _resolve_device(name: str) -> torch.device:
+    check_device(name)
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={name!r} was asked for, but torch sees no CUDA device here: use --device cpu")
@@ -97,7 +100,7 @@ class Trainer:
         self.cfg = cfg.validate()
         checkpoint = None
         if resume is not None:
-            checkpoint = load_checkpoint(resume)
+            checkpoint = load_checkpoint(resume, require=RUN_ENTRIES)
             self._check_compatible(checkpoint["config"], resume)
             if cfg.epochs < checkpoint["epoch"]:
                 raise CheckpointError(f"epochs={cfg.epochs} is fewer than the {checkpoint['epoch']} epochs checkpoint "
@@ -108,8 +111,7 @@ class Trainer:
         self.env: DistEnv = init_distributed(cfg.device, parallel=cfg.parallel)
         self.distributed = self.env.world_size > 1
         self.device = self.env.device if self.distributed else _resolve_device(cfg.device)
-        self.out = Path(cfg.out)
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.out = output_folder(cfg.out)
         torch.manual_seed(cfg.seed)
 
         self.dataset = load_dataset(cfg.data, data_dir=cfg.data_dir, val_fraction=cfg.val_fraction,
@@ -372,7 +374,7 @@ class Trainer:
 def load_trained(checkpoint: str, device: str = "cpu") -> Tuple[TrainConfig, nn.Module, Any]:
     """The config, the trained model (eval mode, on ``device``) and the data set of a checkpoint
     written by ``flatmin train``."""
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = load_checkpoint(checkpoint, require=("config", "model"))
     cfg = TrainConfig.from_dict(ckpt["config"], where=str(checkpoint))
     dataset = load_dataset(cfg.data, data_dir=cfg.data_dir, val_fraction=cfg.val_fraction, seed=0, cutout=0)
     model = create_model(cfg.model, dataset.num_classes, dataset.input_shape)
