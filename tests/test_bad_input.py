@@ -266,8 +266,9 @@ def test_every_flag_has_bad_values():
         "analyze": {c.values[0] for c in ANALYZE},
     }
     for command, flags in covered.items():
-        assert _flags(command) == flags, f"flatmin {command}: flags without bad-value cases: " \
-                                         f"{sorted(_flags(command) - flags)}; cases for no flag: {sorted(flags - _flags(command))}"
+        parsed = _flags(command)
+        assert parsed == flags, (f"flatmin {command}: flags without bad-value cases: {sorted(parsed - flags)}; "
+                                 f"cases for no flag: {sorted(flags - parsed)}")
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,

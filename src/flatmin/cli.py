@@ -193,7 +193,8 @@ def _unfinished(cfg: TrainConfig, summary: Dict[str, Any]) -> Optional[str]:
         if summary["completed"]:
             return (f"nothing left to train: {checkpoint} is at epoch {done} of {epochs}, the run is complete "
                     f"(summary.json written from it); to train longer, resume with --epochs above {epochs}")
-        return f"nothing trained: --stop-after {cfg.stop_after} and {checkpoint} is at epoch {done} of {epochs}; {again}"
+        return (f"nothing trained: --stop-after {cfg.stop_after} and {checkpoint} is at epoch {done} of {epochs}; "
+                f"{again}")
     if summary["stopped_early"]:
         return f"stopped after epoch {done} of {epochs}; {again}"
     return None

@@ -16,6 +16,6 @@ from .env import DistEnv, DistributedError, check_parallel_world, cleanup, free_
 from .parallel_mixed import ParallelMixedStep
 
 __all__ = [
-    "DistEnv", "DistributedError", "average_gradients", "broadcast_buffers", "ParallelMixedStep", "check_parallel_world", "cleanup", "free_port",
-    "init_distributed", "is_distributed",
+    "DistEnv", "DistributedError", "average_gradients", "broadcast_buffers", "ParallelMixedStep", "check_parallel_world",
+    "cleanup", "free_port", "init_distributed", "is_distributed",
 ]

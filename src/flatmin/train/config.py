@@ -201,7 +201,8 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: Dict[str, Any], where: str = "config") -> "TrainConfig":
         if not isinstance(values, dict):
-            raise ConfigError(f"{where}: the settings must be a mapping of names to values, not {type(values).__name__}")
+            raise ConfigError(f"{where}: the settings must be a mapping of names to values, "
+                              f"not {type(values).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         clean = {}
         for key, value in values.items():
