@@ -22,7 +22,6 @@ Models and data are float64, so "equal" means to ~1e-10, far below any differenc
 """
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -38,7 +37,7 @@ from torch.func import functional_call
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import flatmin
-from flatmin.distributed import DistEnv, DistributedError, ParallelMixedStep, cleanup, init_distributed
+from flatmin.distributed import DistEnv, DistributedError, ParallelMixedStep, cleanup, free_port, init_distributed
 
 STEPS = 4
 HPARAMS = {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3}
@@ -161,12 +160,6 @@ def worker(out: Path, names) -> None:
         dist.barrier()  # no rank tears the group down while a peer still uses it
     finally:
         cleanup()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(world: int, names, out: Path):

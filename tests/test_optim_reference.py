@@ -1,5 +1,5 @@
 """The maths of every method, checked against plain re-computations written in this file from
-SPEC.md (nothing here calls flatmin's own helpers such as ``filter_norms`` or ``gaussian_deltas``).
+docs/algorithms.md (nothing here calls flatmin's own helpers such as ``filter_norms`` or ``gaussian_deltas``).
 
 * noise statistics of RWP: per filter, ``ε / (σ·||W_i||)`` is standard normal; 1-D tensors use one
   scale ``σ·||W||``; an all-zero tensor is perturbed by (the floor times) zero, never NaN;
@@ -24,13 +24,13 @@ from torch.func import functional_call
 
 import flatmin
 
-FLOOR = 1e-16  # SPEC.md: "A tiny floor (1e-16) keeps s positive"
+FLOOR = 1e-16  # docs/algorithms.md, "Filter-wise scale": s is floored at 1e-16
 
 
-# ---------------------------------------------------------------- plain re-computations of SPEC.md
+# ------------------------------------------------------ plain re-computations of docs/algorithms.md
 
 def ref_s(w):
-    """s(W) from SPEC.md: the 2-norm of each slice along dim 0 for ndim >= 2 (broadcast over the
+    """s(W) from docs/algorithms.md: the 2-norm of each slice along dim 0 for ndim >= 2 (broadcast over the
     slice), one 2-norm of the whole tensor for ndim <= 1; floored at 1e-16."""
     w = w.detach()
     if w.dim() >= 2:
@@ -383,7 +383,7 @@ class Reference:
             self.F[n] = s if n not in self.F else beta * self.F[n] + s
 
     def gradient(self, z, b1, b2):
-        """The gradient the update uses (SPEC.md), given the z the optimizer will draw."""
+        """The gradient the update uses (docs/algorithms.md), given the z the optimizer will draw."""
         plus = lambda eps: {n: self.w[n] + eps[n] for n in self.w}  # noqa: E731
         m = self.method
         if m in ("rwp", "arwp"):

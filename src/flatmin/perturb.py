@@ -1,7 +1,7 @@
 """Perturbation primitives shared by every method: filter-wise scales, Gaussian draws and
 shifting the weights in place with a guaranteed way back.
 
-Notation (SPEC.md): a trainable tensor ``W``; its filter-wise scale ``s(W)`` is
+Notation (docs/algorithms.md, "Filter-wise scale"): a trainable tensor ``W``; its filter-wise scale ``s(W)`` is
 
 * ``s_i = ||W_i||_2`` for slice ``i`` along dim 0 when ``W.ndim >= 2`` (one output filter or neuron),
 * ``s = ||W||_2`` for the whole tensor when ``W.ndim <= 1`` (biases, normalisation affines),

@@ -1,6 +1,6 @@
 """Parallel m-RWP and m-ARWP: the clean and the perturbed gradient on different workers at once.
 
-The mixed gradient (SPEC.md)
+The mixed gradient (docs/algorithms.md, "Parallel m-(A)RWP")
 
     g = (1 − λ) · ∇L(w; B1) + λ · ∇L(w + ε; B2)
 

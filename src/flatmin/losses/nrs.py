@@ -14,7 +14,7 @@ Design choices of this implementation (configurable where the paper leaves room)
 
 * The neighbour ``ε`` (``neighbour``):
 
-  - ``"random"`` (default): the filter-wise Gaussian draw of RWP (SPEC.md), ``ε = σ · s(W) ⊙ z`` with
+  - ``"random"`` (default): the filter-wise Gaussian draw of RWP (docs/algorithms.md), ``ε = σ · s(W) ⊙ z`` with
     ``z ~ N(0, I)`` for every trainable tensor ``W``, drawn from a generator the loss owns, in the order
     of ``model.named_parameters()``. ``s(W)`` is computed from the detached weights.
   - ``"adversarial"``: one ascent step on the divergence from the random start, the weight-space

@@ -63,7 +63,8 @@ class WrappedOptimizer(torch.optim.Optimizer):
         params: parameters or parameter groups, as for any ``torch.optim.Optimizer``.
         base_optimizer: the optimizer class that applies the update (``torch.optim.SGD``, ...).
         defaults: this method's hyperparameters (validated by the subclass).
-        model: when given, normalisation running statistics follow the method's rules (SPEC.md).
+        model: when given, normalisation running statistics follow the method's rules
+            (docs/algorithms.md, "Normalisation statistics").
         seed / generator: where the noise comes from; give at most one. Without either, a seed is
             drawn from torch's global generator, so ``torch.manual_seed`` makes runs repeatable.
         exact_restore: keep a copy of the weights while they are shifted and copy it back

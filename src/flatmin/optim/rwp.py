@@ -1,6 +1,6 @@
 """RWP: random weight perturbation, one gradient per update (Li et al., arXiv 2211.11489).
 
-    ε = σ · s(W) ⊙ z,   z ~ N(0, I)        for every trainable tensor W (filter-wise s, SPEC.md)
+    ε = σ · s(W) ⊙ z,   z ~ N(0, I)        for every trainable tensor W (filter-wise s: docs/algorithms.md)
     g = ∇L(w + ε; B)                        one forward and backward at the perturbed weights
     w ← base_step(w, g)                     at the unperturbed w
 

@@ -16,7 +16,6 @@ import platform
 import resource
 import time
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -32,10 +31,13 @@ from ..models import create_model
 from ..optim import CosineIncSigma, create
 from ..optim.base import WrappedOptimizer
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .config import RESUMABLE_CHANGES, ConfigError, TrainConfig
+from .config import RESUMABLE_CHANGES, ConfigError, TrainConfig, check_device, output_folder
 from .progress import Progress
 
 Batch = Tuple[Tensor, Tensor]
+# What a checkpoint of a run holds (see Trainer._checkpoint), all needed to resume it.
+RUN_ENTRIES = ("config", "epoch", "train_time", "history", "model", "optimizer", "lr_schedule", "sigma_schedule",
+               "scaler", "nrs", "rng")
 
 
 def cosine_with_warmup(total_updates: int, warmup_updates: int) -> Callable[[int], float]:
@@ -77,6 +79,7 @@ def evaluate(model: nn.Module, loader: Any, amp: Callable[[], Any], distributed:
 
 
 def _resolve_device(name: str) -> torch.device:
+    check_device(name)
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={name!r} was asked for, but torch sees no CUDA device here: use --device cpu")
@@ -97,16 +100,18 @@ class Trainer:
         self.cfg = cfg.validate()
         checkpoint = None
         if resume is not None:
-            checkpoint = load_checkpoint(resume)
+            checkpoint = load_checkpoint(resume, require=RUN_ENTRIES)
             self._check_compatible(checkpoint["config"], resume)
+            if cfg.epochs < checkpoint["epoch"]:
+                raise CheckpointError(f"epochs={cfg.epochs} is fewer than the {checkpoint['epoch']} epochs checkpoint "
+                                      f"{resume} has trained already: give --epochs {checkpoint['epoch']} or more")
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
         # Under torchrun: one worker per process; rank 0 logs and writes, every rank trains.
         self.env: DistEnv = init_distributed(cfg.device, parallel=cfg.parallel)
         self.distributed = self.env.world_size > 1
         self.device = self.env.device if self.distributed else _resolve_device(cfg.device)
-        self.out = Path(cfg.out)
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.out = output_folder(cfg.out)
         torch.manual_seed(cfg.seed)
 
         self.dataset = load_dataset(cfg.data, data_dir=cfg.data_dir, val_fraction=cfg.val_fraction,
@@ -269,6 +274,8 @@ class Trainer:
         start = time.perf_counter()
         for batches in self._batches():
             loss = self._update(batches)
+            if self.scaler is not None:
+                self.scaler.update()  # the scale of the next update: lowered after an inf, raised in time
             self.lr_schedule.step()
             if self.sigma_schedule is not None:
                 self.sigma_schedule.step()
@@ -289,7 +296,9 @@ class Trainer:
         cfg = self.cfg
         progress = Progress(cfg.progress if self.env.is_main else "none")
         wall_start = time.perf_counter()
-        metrics = open(self.out / "metrics.jsonl", "a") if self.env.is_main else None
+        # A fresh run starts its own metrics.jsonl; a resumed one continues what _restore wrote.
+        metrics = open(self.out / "metrics.jsonl", "a" if self.history else "w") if self.env.is_main else None
+        start_epoch = self.epoch
         try:
             last = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, cfg.stop_after)
             while self.epoch < last:
@@ -313,14 +322,14 @@ class Trainer:
         finally:
             if metrics is not None:
                 metrics.close()
-        summary = self._summary(time.perf_counter() - wall_start)
+        summary = self._summary(time.perf_counter() - wall_start, start_epoch)
         if self.env.is_main:
             tmp = self.out / "summary.json.tmp"
             tmp.write_text(json.dumps(summary, indent=2))
             tmp.replace(self.out / "summary.json")
         return summary
 
-    def _summary(self, wall_time: float) -> Dict[str, Any]:
+    def _summary(self, wall_time: float, start_epoch: int) -> Dict[str, Any]:
         cfg = self.cfg
         result: Dict[str, Any] = {
             "config": cfg.to_dict(),
@@ -330,6 +339,9 @@ class Trainer:
             "method": cfg.method,
             "epochs": cfg.epochs,
             "completed": self.epoch >= cfg.epochs,
+            "stopped_early": self.epoch < cfg.epochs,  # by --stop-after: continue with --resume
+            "epochs_done": self.epoch,
+            "start_epoch": start_epoch,  # > 0 for a resumed run; == epochs_done when it trained nothing
             "updates": self.updates_per_epoch * self.epoch,
             "grad_evals": self.updates_per_epoch * self.epoch * self.grads_per_update,
             "samples_seen": sum(row["samples"] for row in self.history),
@@ -362,7 +374,7 @@ class Trainer:
 def load_trained(checkpoint: str, device: str = "cpu") -> Tuple[TrainConfig, nn.Module, Any]:
     """The config, the trained model (eval mode, on ``device``) and the data set of a checkpoint
     written by ``flatmin train``."""
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = load_checkpoint(checkpoint, require=("config", "model"))
     cfg = TrainConfig.from_dict(ckpt["config"], where=str(checkpoint))
     dataset = load_dataset(cfg.data, data_dir=cfg.data_dir, val_fraction=cfg.val_fraction, seed=0, cutout=0)
     model = create_model(cfg.model, dataset.num_classes, dataset.input_shape)
