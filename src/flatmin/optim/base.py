@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..perturb import owned_generator
+from ..sharding import is_sharded, local
 
 Closure = Callable[[], Any]
 BaseOptimizer = Callable[..., torch.optim.Optimizer]
@@ -138,9 +139,14 @@ class WrappedOptimizer(torch.optim.Optimizer):
                 p.grad = None
 
     def _all_finite(self, grads: Sequence[Tensor]) -> bool:
-        """Whether every gradient is finite: one fused check per device and one host sync."""
+        """Whether every gradient is finite: one fused check per device and one host sync (and, for
+        sharded gradients, one all-reduce, so that every process skips or steps together)."""
         by_device: Dict[torch.device, List[Tensor]] = {}
+        sharded = False
         for g in grads:
+            if is_sharded(g):
+                sharded = True
+                g = local(g)
             if g.is_sparse or not g.is_floating_point():
                 return bool(torch.isfinite(global_norm(grads)))
             by_device.setdefault(g.device, []).append(g)
@@ -152,6 +158,9 @@ class WrappedOptimizer(torch.optim.Optimizer):
             # Unscaling by exactly 1 changes nothing; the op's purpose here is its fused inf/NaN check.
             torch._amp_foreach_non_finite_check_and_unscale_(group, found_inf, self._ones[device])
             found.append(found_inf)
+        if sharded:
+            found = [torch.stack(found).amax().reshape(1)] if found else [torch.zeros(1)]
+            torch.distributed.all_reduce(found[0], op=torch.distributed.ReduceOp.MAX)
         return not any(bool(found_inf) for found_inf in found)
 
     def _observe(self, pending: Any, inv_scale_sq: float) -> None:
