@@ -58,10 +58,6 @@ class _UpdatedInTrainingStep(torch.optim.Optimizer):
     def param_groups(self) -> List[Dict[str, Any]]:  # type: ignore[override]
         return self.optimizer.param_groups
 
-    @param_groups.setter
-    def param_groups(self, groups: List[Dict[str, Any]]) -> None:
-        self.optimizer.param_groups = groups
-
     @property
     def state(self) -> Any:  # type: ignore[override]
         return self.optimizer.state

@@ -10,8 +10,7 @@ the same batch for both terms. What Lightning cannot do with a plain flatmin opt
   steps through its GradScaler without one, so there is nothing left to perturb: flatmin refuses
   ("closure is required"). ``FlatminMixedPrecision`` hands the closure to the flatmin step instead.
 * ``accumulate_grad_batches > 1``: the accumulating batches' backward runs outside the step, at the
-  unperturbed weights; flatmin refuses the gradient it would otherwise discard. Accumulate inside
-  one closure (a bigger batch) or use the Hugging Face Trainer integration.
+  unperturbed weights; flatmin refuses the gradient it would otherwise discard. Use a bigger batch.
 * ``gradient_clip_val``: Lightning clips inside the closure, i.e. each pass's gradient on its own;
   give the flatmin optimizer ``max_grad_norm=`` to clip the update's gradient.
 
