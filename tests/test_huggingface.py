@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import SequentialSampler
 
-from transformers import TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 
 import flatmin
 from flatmin.integrations.huggingface import FlatminTrainer
@@ -160,6 +160,26 @@ def test_a_compute_loss_that_zeroes_gradients_leaves_the_mixed_update_alone(tmp_
 
     trainer, model = train(tmp_path, lambda m: create("m-rwp", m), trainer_class=Zeroing)
     assert_same_model(model.body, direct("m-rwp", [[b] for b in batches(2)]))
+
+
+def test_a_run_resumed_from_a_trainer_checkpoint_ends_on_the_same_weights(tmp_path):
+    # The noise generator and m-ARWP's statistics travel in the optimizer's state_dict.
+    class StopAfterTwo(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 2
+
+    def run(out, resume=None, callbacks=None):
+        model = Classifier()
+        trainer = InOrder(model=model, args=arguments(out, max_steps=3, lr_scheduler_type="linear",
+                                                      save_strategy="steps", save_steps=1),
+                          train_dataset=dataset(), optimizers=(create("m-arwp", model), None), callbacks=callbacks)
+        trainer.train(resume_from_checkpoint=resume)
+        return model
+
+    whole = run(tmp_path / "whole")
+    run(tmp_path / "cut", callbacks=[StopAfterTwo()])
+    resumed = run(tmp_path / "cut", resume=str(tmp_path / "cut" / "checkpoint-2"))
+    assert_same_model(resumed.body, whole.body, atol=0)
 
 
 def test_bad_arguments_are_named(tmp_path):
