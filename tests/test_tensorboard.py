@@ -54,6 +54,16 @@ def test_a_resumed_run_logs_each_epoch_once(tmp_path):
     assert [v for _, v in logged["test_acc"]] == pytest.approx([row["test_acc"] for row in rows], rel=1e-6)
 
 
+def test_compare_logs_every_run_in_its_own_folder(tmp_path):
+    out = tmp_path / "cmp"
+    assert main(["compare", *QUICK, "--methods", "sgd,m-rwp", "--seeds", "1", "--epochs", "1",
+                 "--log", "tensorboard", "--out", str(out)]) == 0
+    sgd, mixed = scalars(out / "sgd" / "seed0"), scalars(out / "m-rwp" / "seed0")
+    assert mixed["lam"] == [(1, 0.5)] and "lam" not in sgd  # plain SGD has no λ
+    assert sgd["skipped_steps"] == mixed["skipped_steps"] == [(1, 0.0)]
+    assert [step for step, _ in mixed["test_acc"]] == [1]
+
+
 def test_without_tensorboard_the_error_says_what_to_install(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
     code = main(["train", *QUICK, "--epochs", "1", "--log", "tensorboard", "--out", str(tmp_path / "run")])
