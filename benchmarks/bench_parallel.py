@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import time
 from datetime import timedelta
@@ -44,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import flatmin
-from flatmin.distributed import ParallelMixedStep, cleanup, init_distributed
+from flatmin.distributed import ParallelMixedStep, cleanup, free_port, init_distributed
 from flatmin.models import create_model
 
 HPARAMS = {"lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4}
@@ -139,12 +138,6 @@ def worker(rank: int, port: int, args: argparse.Namespace, results: "mp.Queue") 
             results.put(table)
     finally:
         cleanup()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:

@@ -14,17 +14,14 @@ references:
   gradient, checked against a hand-written computation, also with ``gradient_as_bucket_view``; a
   non-finite g0 on one worker makes every worker skip the update instead of leaving the others
   waiting in the all-reduce;
-* RWP and m-ARWP under DDP equal the single-process method on the concatenated batch, and so does
-  m-RWP with a λ = 1 group under ``gradient_as_bucket_view``.
+* RWP and m-ARWP under DDP equal the single-process method on the concatenated batch, and so do
+  m-RWP with a λ = 1 group and m-ARWP with a closure that zeroes gradients, both under
+  ``gradient_as_bucket_view``.
 
 Models and data are float64, so "equal" means to ~1e-10, far below any difference in the maths.
 """
 import math
-import os
-import socket
-import subprocess
 import sys
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -38,12 +35,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import flatmin
 from flatmin.distributed import DistEnv, DistributedError, ParallelMixedStep, cleanup, init_distributed
+from workers import launch
 
 STEPS = 4
 HPARAMS = {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3}
 RHO = 0.1
 COLLECTIVE_TIMEOUT_S = 30  # a worker waiting on a dead peer gives up after this
-LAUNCH_TIMEOUT_S = 90  # the whole group of workers, startup included
 ATOL = 1e-10
 
 
@@ -67,9 +64,11 @@ def shard(xy, index: int, count: int):
     return x[index * size:(index + 1) * size], y[index * size:(index + 1) * size]
 
 
-def closure_on(model, x, y):
+def closure_on(model, x, y, zeroing: bool = False):
     def closure():
         loss = F.cross_entropy(model(x), y)
+        if zeroing:
+            model.zero_grad(set_to_none=False)  # as Lightning's closure does, between forward and backward
         loss.backward()
         return loss.detach()
     return closure
@@ -107,7 +106,7 @@ def parallel_mixed(method: str, bn: bool, env: DistEnv):
 
 
 def data_parallel(method: str, env: DistEnv, bucket_view: bool = False, poisoned: bool = False,
-                  head_lam: float = 0.8):
+                  head_lam: float = 0.8, zeroing: bool = False):
     model = make_model(bn=False)
     ddp = DDP(model, gradient_as_bucket_view=bucket_view)
     if method == "sam":
@@ -123,7 +122,7 @@ def data_parallel(method: str, env: DistEnv, bucket_view: bool = False, poisoned
             b1[0][0, 0] = math.inf  # a non-finite g0 on one worker only
         if opt.batches_per_step == 2:
             b2 = shard(batch(t, "B2"), env.rank, env.world_size)
-            loss = opt.step(closure_on(ddp, *b1), closure_on(ddp, *b2))
+            loss = opt.step(closure_on(ddp, *b1, zeroing), closure_on(ddp, *b2, zeroing))
         else:
             loss = opt.step(closure_on(ddp, *b1))
         losses.append(float(loss))
@@ -141,9 +140,10 @@ SCENARIOS = {
     "ddp rwp": lambda env: data_parallel("rwp", env),
     "ddp m-arwp": lambda env: data_parallel("m-arwp", env),
     "ddp m-rwp head λ=1 bucket view": lambda env: data_parallel("m-rwp", env, bucket_view=True, head_lam=1.0),
+    "ddp m-arwp zeroing bucket view": lambda env: data_parallel("m-arwp", env, bucket_view=True, zeroing=True),
 }
 TWO_WORKERS = ["parallel m-rwp bn", "parallel m-arwp bn", "ddp sam", "ddp sam bucket view", "ddp rwp", "ddp m-arwp",
-               "ddp m-rwp head λ=1 bucket view"]
+               "ddp m-rwp head λ=1 bucket view", "ddp m-arwp zeroing bucket view"]
 FOUR_WORKERS = ["parallel m-rwp", "parallel m-arwp"]
 
 
@@ -159,48 +159,14 @@ def worker(out: Path, names) -> None:
         cleanup()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(world: int, names, out: Path):
-    """Start ``world`` workers on loopback, wait for all of them, return each rank's results."""
-    port = free_port()
-    procs = []
-    try:
-        for rank in range(world):
-            env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-            with open(out / f"rank{rank}.log", "wb") as log:  # the child keeps its own handle
-                procs.append(subprocess.Popen([sys.executable, __file__, str(out), *names], env=env,
-                                              stdout=log, stderr=subprocess.STDOUT))
-        deadline = time.monotonic() + LAUNCH_TIMEOUT_S
-        for proc in procs:
-            proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the {world} workers did not finish within {LAUNCH_TIMEOUT_S} s")
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    failed = [rank for rank, proc in enumerate(procs) if proc.returncode != 0]
-    if failed:
-        logs = "\n".join((out / f"rank{rank}.log").read_text()[-3000:] for rank in failed)
-        pytest.fail(f"workers {failed} failed:\n{logs}")
-    return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
-
-
 @pytest.fixture(scope="module")
 def two_workers(tmp_path_factory):
-    return launch(2, TWO_WORKERS, tmp_path_factory.mktemp("two_workers"))
+    return launch(__file__, 2, TWO_WORKERS, tmp_path_factory.mktemp("two_workers"))
 
 
 @pytest.fixture(scope="module")
 def four_workers(tmp_path_factory):
-    return launch(4, FOUR_WORKERS, tmp_path_factory.mktemp("four_workers"))
+    return launch(__file__, 4, FOUR_WORKERS, tmp_path_factory.mktemp("four_workers"))
 
 
 # ---------------------------------------------------------------- references, in this process
@@ -342,7 +308,7 @@ def test_ddp_sam_ascends_per_worker_and_averages_the_second_gradient(two_workers
 def test_ddp_sam_non_finite_g0_on_one_worker_skips_on_all(tmp_path):
     # The worker with the non-finite g0 must still reach the all-reduced second pass (else the others
     # wait there forever); the non-finite average then makes every worker skip the same update.
-    ranks = launch(2, ["ddp sam non-finite"], tmp_path)
+    ranks = launch(__file__, 2, ["ddp sam non-finite"], tmp_path)
     assert [r["ddp sam non-finite"]["skipped"] for r in ranks] == [1, 1]
     assert_identical(ranks[1]["ddp sam non-finite"]["params"], ranks[0]["ddp sam non-finite"]["params"])
     assert all(torch.isfinite(p).all() for p in ranks[0]["ddp sam non-finite"]["params"])
@@ -354,6 +320,15 @@ def test_ddp_equals_single_process_on_concatenated_batch(two_workers, method):
     # clean pass accumulates on top and DDP all-reduces the accumulated .grad.
     ref = reference_single(method)
     got = two_workers[0][f"ddp {method}"]
+    assert_close(got["params"], ref["params"], "params")
+    assert_close(got["state"], ref["state"])
+
+
+def test_ddp_mixed_method_with_a_closure_that_zeroes_gradients(two_workers):
+    # The clean closure zeroes .grad under DDP with gradient_as_bucket_view: the perturbed term
+    # lives in DDP's bucket and must reach the averaged update all the same.
+    ref = reference_single("m-arwp")
+    got = two_workers[0]["ddp m-arwp zeroing bucket view"]
     assert_close(got["params"], ref["params"], "params")
     assert_close(got["state"], ref["state"])
 

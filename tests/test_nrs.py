@@ -118,7 +118,7 @@ def test_gradient_matches_finite_differences(neighbour, divergence):
 
 
 def test_gradient_matches_a_hand_made_weight_copy():
-    # Everything by hand: the noise rule of SPEC.md with a twin generator, the neighbour as a deep
+    # Everything by hand: the noise rule of docs/algorithms.md with a twin generator, the neighbour as a deep
     # copy with ε added in place, KL from probabilities; the gradient is the sum of both models'.
     alpha, sigma, seed = 0.8, 0.2, 11
     model, (x, y) = convnet(), conv_batch()

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import flatmin
+from flatmin.diagnostics import StepTracker
 
 ALL = ["sgd", "sam", "asam", "rwp", "arwp", "m-rwp", "m-arwp"]
 PERTURBING = ALL[1:]
@@ -478,6 +479,174 @@ def test_gradient_accumulation_inside_the_closure_matches_the_full_batch(name):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+ZEROING = {
+    "opt.zero_grad()": lambda opt, model: opt.zero_grad(),
+    "opt.zero_grad(set_to_none=False)": lambda opt, model: opt.zero_grad(set_to_none=False),
+    "model.zero_grad()": lambda opt, model: model.zero_grad(),
+    "model.zero_grad(set_to_none=False)": lambda opt, model: model.zero_grad(set_to_none=False),
+}
+
+
+@pytest.mark.parametrize("how", list(ZEROING))
+@pytest.mark.parametrize("name", PERTURBING)
+def test_a_closure_that_zeroes_gradients_gives_the_same_update(name, how):
+    # Lightning's closure zeroes .grad between its forward and its backward; so do hand-written
+    # loops. The mixed methods hold the perturbed term while the clean closure runs: it must survive.
+    zero = ZEROING[how]
+    results = []
+    for zeroing in (False, True):
+        model = make_model()
+        opt = make(name, model, lam=0.7) if name.startswith("m-") else make(name, model)
+
+        def closure_for(x, y):
+            def closure():
+                loss = F.cross_entropy(model(x), y)
+                if zeroing:
+                    zero(opt, model)
+                loss.backward()
+                return loss
+            return closure
+
+        for b1, b2 in zip(batches(3, seed=1), batches(3, seed=2)):
+            if opt.batches_per_step == 2:
+                opt.step(closure_for(*b1), closure_for(*b2))
+            else:
+                opt.step(closure_for(*b1))
+        results.append((weights(model), [b.clone() for b in model.buffers()], opt.state_dict()))
+    (w_plain, b_plain, s_plain), (w_zero, b_zero, s_zero) = results
+    for a, b in zip(w_plain + b_plain, w_zero + b_zero):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(s_zero["state"], s_plain["state"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["m-rwp", "m-arwp"])
+def test_mixed_clean_closure_may_zero_then_accumulate_micro_batches(name):
+    # Zero once, then several backward calls: the clean term is the sum of the micro-batches.
+    x, y = batches(1)[0]
+    results = []
+    for chunks, zeroing in ((1, False), (3, True)):
+        model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+        torch.manual_seed(0)
+        for p in model.parameters():
+            nn.init.normal_(p, std=0.3)
+        opt = flatmin.create(name, model, lr=0.1, momentum=0.9, seed=0, lam=0.6)
+
+        def closure():
+            if zeroing:
+                model.zero_grad(set_to_none=False)
+            total = 0.0
+            for xc, yc in zip(x.chunk(chunks), y.chunk(chunks)):
+                loss = F.cross_entropy(model(xc), yc, reduction="sum") / len(x)
+                loss.backward()
+                total += loss.detach()
+            return total
+
+        for _ in range(3):
+            opt.step(closure)
+        results.append(weights(model))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["m-rwp", "m-arwp"])
+def test_mixed_update_when_the_closure_assigns_grad_itself(name):
+    # Some frameworks (sharded data parallelism, hand-written loops) set .grad without autograd's
+    # accumulation, so no accumulation hook runs: the perturbed term must still be added.
+    results = []
+    for assign in (False, True):
+        model = make_model()
+        opt = make(name, model, lam=0.3)
+
+        def closure_for(x, y):
+            def closure():
+                loss = F.cross_entropy(model(x), y)
+                if assign:
+                    params = [p for p in model.parameters()]
+                    for p, g in zip(params, torch.autograd.grad(loss, params)):
+                        p.grad = g
+                else:
+                    loss.backward()
+                return loss
+            return closure
+
+        for b1, b2 in zip(batches(3, seed=1), batches(3, seed=2)):
+            opt.step(closure_for(*b1), closure_for(*b2))
+        results.append(weights(model))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["m-rwp", "m-arwp"])
+def test_mixed_update_with_a_lam_one_group_and_a_zeroing_closure(name):
+    # A group with λ = 1 drops its clean gradient; a zeroing closure must not change that either.
+    results = []
+    for zeroing in (False, True):
+        model = make_model()
+        head = list(model[3].parameters())
+        body = [p for p in model.parameters() if all(p is not h for h in head)]
+        cls = flatmin.MARWP if name == "m-arwp" else flatmin.MRWP
+        opt = cls([{"params": body}, {"params": head, "lam": 1.0}], torch.optim.SGD, model=model, seed=0,
+                  lam=0.4, **HP)
+
+        def closure_for(x, y):
+            def closure():
+                if zeroing:
+                    opt.zero_grad()
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                return loss
+            return closure
+
+        for b1, b2 in zip(batches(2, seed=1), batches(2, seed=2)):
+            opt.step(closure_for(*b1), closure_for(*b2))
+        results.append(weights(model))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", PERTURBING)
+def test_a_gradient_computed_outside_step_is_refused_not_discarded(name):
+    # A backward before step() (Lightning's accumulating batches) would be thrown away by the step.
+    model = make_model()
+    opt = make(name, model)
+    (x, y), = batches(1)
+    before = weights(model)
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match=r"\.grad holds a gradient computed outside step\(\)"):
+        run_step(opt, model, (x, y))
+    assert all(torch.equal(a, b) for a, b in zip(before, weights(model)))
+    # zero_grad first, or touching only what the last step left, is fine; so is a failed step.
+    opt.zero_grad()
+    run_step(opt, model, (x, y))
+    opt.zero_grad(set_to_none=False)
+    run_step(opt, model, (x, y))
+    for p in model.parameters():
+        p.grad.mul_(2.0)  # e.g. a scaler unscaling, a logger clipping: the same tensors
+    run_step(opt, model, (x, y))
+
+    def failing():
+        F.cross_entropy(model(x), y).backward()
+        raise KeyError("boom")
+    with pytest.raises(KeyError):
+        opt.step(failing, failing) if opt.batches_per_step == 2 else opt.step(failing)
+    run_step(opt, model, (x, y))
+
+
+def test_a_step_without_closure_names_the_trainer_integrations():
+    opt = make("rwp", make_model())
+    with pytest.raises(ValueError, match=r"closure is required.*FlatminTrainer for Hugging Face"):
+        opt.step()
+
+
+def test_create_takes_parameter_groups():
+    model = make_model()
+    head = list(model[3].parameters())
+    body = [p for p in model.parameters() if all(p is not h for h in head)]
+    opt = flatmin.create("m-arwp", model, params=[{"params": body}, {"params": head, "sigma": 0.0}], seed=0, lr=0.1)
+    assert [len(g["params"]) for g in opt.param_groups] == [len(body), len(head)]
+    assert [g["sigma"] for g in opt.param_groups] == [0.015, 0.0] and opt.model is model
+
+
 @pytest.mark.parametrize("base", ["sgd", "adamw"])
 @pytest.mark.parametrize("name", ALL)
 def test_every_method_trains_with_sgd_and_adamw(name, base):
@@ -528,8 +697,6 @@ def _memory_model():
 
 
 def _step_peak(name, passes=1, **kw):
-    from memtrack import peak_bytes
-
     model = _memory_model()
     x, y = torch.randn(16, 64), torch.randint(0, 10, (16,))
 
@@ -556,11 +723,14 @@ def _step_peak(name, passes=1, **kw):
     step()  # momentum buffers and ARWP state exist: measure a steady-state step
     largest = max(p.numel() * p.element_size() for p in model.parameters())
     total = sum(p.numel() * p.element_size() for p in model.parameters())
-    return peak_bytes(step), largest, total
+    tracker = StepTracker()
+    with tracker:
+        step()
+    return tracker.peak_bytes, largest, total
 
 
 def test_transient_memory_of_each_method():
-    """Peak live memory of one step over plain SGD's, measured op by op (tests/memtrack.py)."""
+    """Peak live memory of one step over plain SGD's, measured op by op (flatmin.diagnostics)."""
     sgd, largest, total = _step_peak("sgd")
     sgd_two_batches, _, _ = _step_peak("sgd", passes=2)
     slack = 64 * 1024  # per-filter scales, norms and ARWP statistics: a few KiB here

@@ -1,22 +1,16 @@
 """`flatmin train` under torchrun: 2 workers on CPU with gloo, on loopback, each run time-bounded."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from flatmin.distributed import free_port
 from flatmin.train.checkpoint import load_checkpoint
 
 BASE = ["--data", "digits", "--model", "mlp", "--batch-size", "64", "--progress", "none"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(*args, timeout=180):
@@ -51,11 +45,16 @@ def test_torchrun_resume_ends_on_the_same_weights(tmp_path):
     args = ["--method", "m-arwp", "--parallel", "--epochs", "3"]
     code, out = torchrun(*args, "--out", str(tmp_path / "full"))
     assert code == 0, out
+    ckpt = tmp_path / "cut" / "checkpoint.pt"
     code, out = torchrun(*args, "--stop-after", "1", "--out", str(tmp_path / "cut"))
     assert code == 0, out
-    assert load_checkpoint(tmp_path / "cut")["epoch"] == 1
-    code, out = torchrun("--resume", str(tmp_path / "cut" / "checkpoint.pt"), "--stop-after", "3")
+    assert load_checkpoint(ckpt)["epoch"] == 1
+    assert f"stopped after epoch 1 of 3; continue with: flatmin train --resume {ckpt}" in out
+    summary = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    assert (summary["completed"], summary["stopped_early"], summary["epochs_done"]) == (False, True, 1)
+    code, out = torchrun("--resume", str(ckpt))  # continues to the end: --stop-after is not inherited
     assert code == 0, out
+    assert "stopped after" not in out and json.loads((tmp_path / "cut" / "summary.json").read_text())["completed"]
     full, cut = load_checkpoint(tmp_path / "full")["model"], load_checkpoint(tmp_path / "cut")["model"]
     for k in full:
         assert torch.equal(full[k], cut[k]), k

@@ -13,10 +13,10 @@ import os
 import sys
 import typing
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, NoReturn, Optional
 
 from .train.checkpoint import CheckpointError
-from .train.config import ConfigError, TrainConfig, load_yaml
+from .train.config import NOT_INHERITED, ConfigError, TrainConfig, check_device, load_yaml, output_folder
 
 DEFAULT_METHODS = "sgd,sam,rwp,arwp,m-rwp,m-arwp,nrs"
 # Where compare's defaults differ from a single run's: the data set where the methods differ, and
@@ -24,8 +24,16 @@ DEFAULT_METHODS = "sgd,sam,rwp,arwp,m-rwp,m-arwp,nrs"
 COMPARE_DEFAULTS = {"data": "mnist1d", "budget": "updates"}
 
 
-def _flag_type(field: dataclasses.Field) -> Any:
-    hint = typing.get_type_hints(TrainConfig)[field.name]
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors (a flag's value of the wrong type, an unknown flag) are one line, as
+    flatmin's own: ``flatmin train: error: argument --epochs: invalid int value: 'x'``, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _flag_type(field: dataclasses.Field, hints: Dict[str, Any]) -> Any:
+    hint = hints[field.name]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     return args[0] if args else hint
 
@@ -33,12 +41,13 @@ def _flag_type(field: dataclasses.Field) -> Any:
 def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple = (), defaults: Optional[Dict[str, Any]] = None) -> None:
     # default=SUPPRESS: only flags the user typed reach the namespace, so they can override a
     # YAML file or a resumed run's settings without the defaults overriding anything.
+    hints = typing.get_type_hints(TrainConfig)
     for field in dataclasses.fields(TrainConfig):
         if field.name in skip:
             continue
         flag = "--" + field.name.replace("_", "-")
         help_text = f"{field.metadata.get('help', '')} (default: {(defaults or {}).get(field.name, field.default)})"
-        kind = _flag_type(field)
+        kind = _flag_type(field, hints)
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         else:
@@ -48,7 +57,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple = (), default
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="flatmin", description="Train toward flat minima with random weight perturbation, SAM and friends.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -57,14 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
                                             "bundled 8x8 digits with an MLP, on the CPU, in about a minute.")
     _add_config_flags(train)
     train.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
-                       help="continue from a checkpoint (default: OUT/checkpoint.pt); settings come from it, "
-                            "flags may change only epochs, device, output and progress display")
+                       help="continue from a checkpoint (default: OUT/checkpoint.pt) to the end of its schedule; "
+                            "settings come from it, flags may change only epochs, device, output and progress "
+                            "display, and --stop-after applies only when given again")
 
     compare = commands.add_parser("compare", help="train several methods over several seeds and compare them",
                                   description="Train every method over several seeds under one budget and print a "
                                               "comparison table with each method's difference from SGD; writes "
                                               "results.csv, results.md, runs.json and PNG plots into --out.")
-    _add_config_flags(compare, skip=("method",), defaults=COMPARE_DEFAULTS)
+    _add_config_flags(compare, skip=("method", "stop_after"), defaults=COMPARE_DEFAULTS)
     compare.add_argument("--methods", default=DEFAULT_METHODS,
                          help=f"comma-separated methods (default: {DEFAULT_METHODS})")
     compare.add_argument("--seeds", type=int, default=3, help="seeds per method, from --seed on (default: 3)")
@@ -99,24 +109,29 @@ def build_parser() -> argparse.ArgumentParser:
 def _analyze(args: argparse.Namespace) -> int:
     from .analysis.plots import overlay, plot_landscape_2d
     from .analysis.report import plot_parts
-    from .train.flatness import analyze_checkpoints, write_json
+    from .train.flatness import analyze_checkpoints, check_checkpoints, write_json
 
-    for name in ("batches", "batch_size", "k", "probes", "steps", "draws"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)} is not allowed: it must be >= 1")
+    for name, low in (("batches", 1), ("batch_size", 1), ("k", 1), ("probes", 2), ("steps", 2), ("draws", 1),
+                      ("seed", 0)):
+        if not low <= getattr(args, name) < 2**63:
+            raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)} is not allowed: "
+                              f"it must be an integer in [{low}, 2**63)")
+    check_device(args.device)
+    what = [w.strip() for w in args.what.split(",") if w.strip()]
+    if not what:
+        raise ConfigError(f"--what={args.what!r} names no analysis: give hessian, landscape, radius or single parts")
     several = len(args.checkpoints) > 1
     if several and args.out is None:
         raise ConfigError(f"{len(args.checkpoints)} checkpoints need --out DIR for their overlays")
+    check_checkpoints(args.checkpoints)
     ckpt = Path(args.checkpoints[0])
-    out = Path(args.out) if args.out else (ckpt if ckpt.is_dir() else ckpt.parent) / "analysis"
-    what = [w.strip() for w in args.what.split(",") if w.strip()]
+    out = output_folder(args.out if args.out else (ckpt if ckpt.is_dir() else ckpt.parent) / "analysis", "--out")
     options = {"eigenvalues": {"k": args.k}, "trace": {"probes": args.probes},
                "landscape_1d": {"steps": args.steps}, "landscape_2d": {"steps": max(3, args.steps // 2)},
                "radius": {"draws": args.draws, "adversarial": args.adversarial}}
     entries = analyze_checkpoints(args.checkpoints, what, batches=args.batches, batch_size=args.batch_size,
                                   split=args.split, seed=args.seed, device=args.device, progress=True,
                                   options=options)
-    out.mkdir(parents=True, exist_ok=True)
     if several:
         plots = overlay([(e["label"], [e]) for e in entries], out)
         for i, e in enumerate(entries):
@@ -156,7 +171,10 @@ def _train(args: argparse.Namespace) -> int:
     if resume is not None:
         if resume == "auto":
             resume = str(Path(settings.get("out", TrainConfig.out)) / "checkpoint.pt")
-        saved = load_checkpoint(resume)["config"]
+        saved = load_checkpoint(resume, require=("config",))["config"]
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"checkpoint {resume} is damaged: its config is not a mapping of settings")
+        saved = {k: v for k, v in saved.items() if k not in NOT_INHERITED}
         cfg = TrainConfig.from_dict({**saved, **settings}, where="resume")
     else:
         cfg = TrainConfig.from_dict(settings, where=getattr(args, "config", "flags"))
@@ -172,7 +190,28 @@ def _train(args: argparse.Namespace) -> int:
     print(f"{cfg.method} on {cfg.data}/{cfg.model}: " + "  ".join(parts)
           + f"  train time {summary['train_time_s']:.1f} s  ({summary['updates']} updates, "
           f"{summary['grad_evals']} gradient evaluations) -> {cfg.out}")
+    ending = _unfinished(cfg, summary)
+    if ending:
+        print(ending)
     return 0
+
+
+def _unfinished(cfg: TrainConfig, summary: Dict[str, Any]) -> Optional[str]:
+    """The last line of ``flatmin train`` when the run is not done or trained nothing: why, and what next."""
+    done, epochs = summary["epochs_done"], summary["epochs"]
+    checkpoint = Path(cfg.out) / "checkpoint.pt"
+    again = f"continue with: flatmin train --resume {checkpoint}"
+    if summary["workers"] > 1:
+        again += " (under the same torchrun launch)"
+    if summary["start_epoch"] == done:  # a resumed run that trained nothing
+        if summary["completed"]:
+            return (f"nothing left to train: {checkpoint} is at epoch {done} of {epochs}, the run is complete "
+                    f"(summary.json written from it); to train longer, resume with --epochs above {epochs}")
+        return (f"nothing trained: --stop-after {cfg.stop_after} and {checkpoint} is at epoch {done} of {epochs}; "
+                f"{again}")
+    if summary["stopped_early"]:
+        return f"stopped after epoch {done} of {epochs}; {again}"
+    return None
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -196,14 +235,17 @@ def _compare(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help, or a one-line argparse error already printed
+        return stop.code if isinstance(stop.code, int) else 2
     if args.command is None:
         parser.print_help()
         return 2
     handlers = {"train": _train, "compare": _compare, "analyze": _analyze}
     try:
         code = handlers[args.command](args)
-    except (ConfigError, CheckpointError, ValueError, TypeError, FileNotFoundError, NotADirectoryError) as err:
+    except (ConfigError, CheckpointError, ValueError, TypeError, OSError) as err:
         print(f"flatmin {args.command}: error: {err}", file=sys.stderr)
         code = 2
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -1,8 +1,9 @@
 """Freezing normalisation running statistics for the passes that must not update them.
 
-Which pass may update BatchNorm's running mean and variance is part of each method (SPEC.md):
-the clean pass of m-(A)RWP and SAM's first pass do; perturbed or adversarial passes that run in
-addition to a clean one do not, so the running statistics describe the unperturbed weights.
+Which pass may update BatchNorm's running mean and variance is part of each method
+(docs/algorithms.md, "Normalisation statistics"): the clean pass of m-(A)RWP and SAM's first pass
+do; perturbed or adversarial passes that run in addition to a clean one do not, so the running
+statistics describe the unperturbed weights.
 """
 from __future__ import annotations
 

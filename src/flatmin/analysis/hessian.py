@@ -58,6 +58,8 @@ def hessian_eigenvalues(
     batches = materialize(batches)
     if k < 1 or iters < k:
         raise ValueError(f"need 1 <= k <= iters, got k={k}, iters={iters}")
+    if not 0 < tol < math.inf:
+        raise ValueError(f"tol={tol!r} is not allowed: it must be a finite number > 0")
     with evaluation_mode(model):
         hessian = Hessian(model, loss_fn, batches)
         if k > hessian.dim:

@@ -6,7 +6,7 @@ NeurIPS 2018).
     L(α, β) = L(w + α d + β e)           2-D slice
 
 A direction starts as ``z ~ N(0, I)`` and each of its filters is rescaled to the norm of the same
-filter of the weights (filters as in SPEC.md: slices along dim 0 of tensors with ``ndim >= 2``):
+filter of the weights (filters as in docs/algorithms.md: slices along dim 0 of tensors with ``ndim >= 2``):
 
     d_i = z_i / ||z_i|| · ||W_i||
 
@@ -68,6 +68,8 @@ def _loss_at(model: nn.Module, loss_fn: LossFn, batches: List[Batch],
 def _axis(span: Tuple[float, float], steps: int) -> np.ndarray:
     if steps < 2:
         raise ValueError(f"a slice needs steps >= 2, got {steps}")
+    if not (isinstance(span, (tuple, list)) and len(span) == 2 and -np.inf < span[0] < span[1] < np.inf):
+        raise ValueError(f"span={span!r} is not allowed: it must be (low, high), finite numbers with low < high")
     return np.linspace(span[0], span[1], steps)
 
 

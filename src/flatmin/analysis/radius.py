@@ -1,7 +1,7 @@
 """The expected training loss under random weight perturbation as its radius grows, optionally
 beside the loss along the adversarial (SAM) direction of a comparable size.
 
-Random, as in RWP (SPEC.md), for each radius ``σ`` and draw ``z ~ N(0, I)``:
+Random, as in RWP (docs/algorithms.md), for each radius ``σ`` and draw ``z ~ N(0, I)``:
 
     ε = σ · s(W) ⊙ z            for every trainable tensor W (filter-wise scale s)
 
@@ -69,8 +69,8 @@ def loss_vs_radius(
     With ``adversarial`` also ``rho``, ``adversarial_loss`` and ``adversarial_accuracy``.
     """
     batches = materialize(batches)
-    if draws < 1 or not radii or any(r < 0 for r in radii):
-        raise ValueError(f"need draws >= 1 and radii >= 0, got draws={draws}, radii={list(radii)}")
+    if draws < 1 or not radii or not all(isinstance(r, (int, float)) and 0 <= r < math.inf for r in radii):
+        raise ValueError(f"need draws >= 1 and finite radii >= 0, got draws={draws}, radii={list(radii)}")
     params = trainable(model)
     with torch.no_grad():
         scales = [filter_norms(p.detach()) for p in params]

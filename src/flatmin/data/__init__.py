@@ -23,8 +23,8 @@ import torch
 from .cifar import load_cifar
 from .dataset import Dataset, with_validation
 from .digits import load_digits
-from .imagefolder import FolderDataset, load_imagefolder
-from .loader import BatchLoader, FolderLoader
+from .imagefolder import FolderDataset, FolderLoader, load_imagefolder
+from .loader import BatchLoader
 from .mnist1d import load_mnist1d
 
 DATASETS = ("digits", "mnist1d", "cifar10", "cifar100", "imagefolder")

@@ -14,13 +14,13 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .loader import mix_seed
+from .loader import Batch, EpochBatches, mix_seed
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -149,6 +149,38 @@ class EpochView(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> Tuple[Tensor, int]:
         return self.folder.load(index, self.seed, self.epoch)
+
+
+class FolderLoader(EpochBatches):
+    """The :class:`~flatmin.data.loader.BatchLoader` contract over a lazily decoded :class:`ImageFolder`.
+
+    Each epoch runs a ``torch.utils.data.DataLoader`` over the epoch's batches with ``num_workers``
+    worker processes; a training folder's random crops and flips are seeded per sample by
+    ``(seed, epoch, index)``, so the batches do not depend on the number of workers.
+    """
+
+    def __init__(self, dataset: ImageFolder, batch_size: int, *, shuffle: bool = True, drop_last: bool = False,
+                 seed: int = 0, device: Union[str, torch.device] = "cpu", num_workers: int = 0,
+                 shard: Tuple[int, int] = (0, 1)) -> None:
+        if num_workers < 0:
+            raise ValueError(f"num_workers={num_workers} is not allowed: it must be >= 0")
+        super().__init__(len(dataset), batch_size, shuffle, drop_last, seed, shard)
+        self.dataset = dataset
+        self.device = torch.device(device)
+        self.num_workers = num_workers
+
+    def _batches(self, start_batch: int) -> Iterator[Batch]:
+        batches = [index.tolist() for _, index in self._indices(start_batch, torch.device("cpu"))]
+        loader = torch.utils.data.DataLoader(self.dataset.at_epoch(self.seed, self.epoch), batch_sampler=batches,
+                                             num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
+        try:
+            for x, y in loader:
+                yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        except ValueError as err:
+            lines = str(err).strip().splitlines()
+            if self.num_workers and len(lines) > 1:  # raised in a worker: torch wraps it in the worker's traceback
+                raise ValueError(lines[-1].removeprefix("ValueError: ")) from None
+            raise
 
 
 @dataclass

@@ -5,21 +5,18 @@ its batch ``b`` from one seeded by ``(seed, e, b, rank)``. Nothing carries over 
 batch to the next, so a run resumed at epoch ``e`` (``set_epoch(e)``), or even at batch ``k`` of it
 (``iter_from(k)``), sees exactly the batches an uninterrupted run would.
 
-Two loaders share this contract: :class:`BatchLoader` batches tensors held in memory with one
-indexing op per batch; :class:`FolderLoader` decodes image files lazily through a
-``torch.utils.data.DataLoader`` with worker processes.
+Two loaders share this contract: :class:`BatchLoader`, here, batches tensors held in memory with
+one indexing op per batch; :class:`~flatmin.data.imagefolder.FolderLoader` decodes image files
+lazily through a ``torch.utils.data.DataLoader`` with worker processes.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator, Optional, Tuple, Union
+from typing import Iterator, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from .dataset import Augment, Transform
-
-if TYPE_CHECKING:
-    from .imagefolder import ImageFolder
 
 Batch = Tuple[Tensor, Tensor]
 
@@ -37,8 +34,9 @@ def generator_for(*keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(mix_seed(*keys))
 
 
-class _EpochBatches:
-    """The batching both loaders share: the epoch's order, the batch count, and sharding.
+class EpochBatches:
+    """The batching every loader shares: the epoch's order, the batch count, and sharding.
+    Subclasses yield the batches of given sample indices (``_batches``).
 
     With ``shard = (rank, world)`` (data parallelism) every global batch of ``world · batch_size``
     samples is split into ``world`` consecutive per-rank batches and this loader yields the
@@ -96,7 +94,7 @@ class _EpochBatches:
             yield b, order[first:first + self.batch_size]
 
 
-class BatchLoader(_EpochBatches):
+class BatchLoader(EpochBatches):
     """Batches ``(x, y)`` of in-memory tensors, on ``device``.
 
     The tensors are moved to ``device`` once, so a batch is one indexing op there. Every batch goes
@@ -112,7 +110,7 @@ class BatchLoader(_EpochBatches):
         transform: ``transform(x_batch) -> x_batch``.
         seed: the seed of the order and of the augmentation.
         device: where the batches are.
-        shard: ``(rank, world)``: yield this rank's share of every global batch (see ``_EpochBatches``).
+        shard: ``(rank, world)``: yield this rank's share of every global batch (see ``EpochBatches``).
     """
 
     def __init__(self, x: Tensor, y: Tensor, batch_size: int, *, shuffle: bool = True, drop_last: bool = False,
@@ -133,29 +131,3 @@ class BatchLoader(_EpochBatches):
             if self.augment is not None:
                 x = self.augment(x, generator_for(self.seed, self.epoch, b, self.rank))
             yield x, y
-
-
-class FolderLoader(_EpochBatches):
-    """The :class:`BatchLoader` contract over a lazily decoded :class:`~flatmin.data.imagefolder.ImageFolder`.
-
-    Each epoch runs a ``torch.utils.data.DataLoader`` over the epoch's batches with ``num_workers``
-    worker processes; a training folder's random crops and flips are seeded per sample by
-    ``(seed, epoch, index)``, so the batches do not depend on the number of workers.
-    """
-
-    def __init__(self, dataset: "ImageFolder", batch_size: int, *, shuffle: bool = True, drop_last: bool = False,
-                 seed: int = 0, device: Union[str, torch.device] = "cpu", num_workers: int = 0,
-                 shard: Tuple[int, int] = (0, 1)) -> None:
-        if num_workers < 0:
-            raise ValueError(f"num_workers={num_workers} is not allowed: it must be >= 0")
-        super().__init__(len(dataset), batch_size, shuffle, drop_last, seed, shard)
-        self.dataset = dataset
-        self.device = torch.device(device)
-        self.num_workers = num_workers
-
-    def _batches(self, start_batch: int) -> Iterator[Batch]:
-        batches = [index.tolist() for _, index in self._indices(start_batch, torch.device("cpu"))]
-        loader = torch.utils.data.DataLoader(self.dataset.at_epoch(self.seed, self.epoch), batch_sampler=batches,
-                                             num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
-        for x, y in loader:
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)

@@ -1,6 +1,7 @@
 """torch.distributed for flatmin: joining a torchrun job, and parallel m-(A)RWP.
 
-* ``init_distributed`` / ``cleanup``: one worker per process, gloo on CPU, NCCL on CUDA.
+* ``init_distributed`` / ``cleanup``: one worker per process, gloo on CPU, NCCL on CUDA;
+  ``free_port`` for a ``MASTER_PORT`` when starting the workers of one machine by hand.
 * ``ParallelMixedStep``: m-RWP/m-ARWP with the clean and the perturbed gradient on different
   workers at once (N = 2k workers, one update in the wall time of one SGD step).
 * ``average_gradients`` / ``broadcast_buffers``: data parallelism by hand, for losses such as NRS
@@ -11,10 +12,10 @@
   gradient, and only the second gradient is averaged.
 """
 from .collectives import average_gradients, broadcast_buffers
-from .env import DistEnv, DistributedError, check_parallel_world, cleanup, init_distributed, is_distributed
+from .env import DistEnv, DistributedError, check_parallel_world, cleanup, free_port, init_distributed, is_distributed
 from .parallel_mixed import ParallelMixedStep
 
 __all__ = [
-    "DistEnv", "DistributedError", "average_gradients", "broadcast_buffers", "ParallelMixedStep", "check_parallel_world", "cleanup", "init_distributed",
-    "is_distributed",
+    "DistEnv", "DistributedError", "average_gradients", "broadcast_buffers", "ParallelMixedStep", "check_parallel_world",
+    "cleanup", "free_port", "init_distributed", "is_distributed",
 ]

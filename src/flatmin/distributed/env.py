@@ -15,6 +15,7 @@ issued by the code that needs it.
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Union
@@ -52,6 +53,18 @@ def check_parallel_world(world_size: int) -> None:
             f"--parallel needs an even number of workers, k clean + k perturbed, but WORLD_SIZE={world_size}; "
             "launch it with torchrun --nproc-per-node 2 (or 4, 6, ...)"
         )
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that nothing listens on now: a ``MASTER_PORT`` for workers started on one
+    machine by hand (``torch.multiprocessing``, ``subprocess``) or by ``torchrun --master-port``.
+
+    The port is only free when this returns; another process may take it before rank 0 binds it.
+    Rank 0 then fails to join with "address already in use": start the workers again with a new port.
+    """
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def _read_int(name: str) -> int:

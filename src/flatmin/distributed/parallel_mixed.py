@@ -1,6 +1,6 @@
 """Parallel m-RWP and m-ARWP: the clean and the perturbed gradient on different workers at once.
 
-The mixed gradient (SPEC.md)
+The mixed gradient (docs/algorithms.md, "Parallel m-(A)RWP")
 
     g = (1 − λ) · ∇L(w; B1) + λ · ∇L(w + ε; B2)
 
@@ -54,7 +54,8 @@ from ..norm_stats import frozen_norm_stats
 from ..optim.arwp import AdaptiveNoise
 from ..optim.base import Closure
 from ..optim.mrwp import MRWP
-from ..perturb import filter_sq_sums, gaussian_draw, is_filterwise
+from ..perturb import filter_sq_sums, is_filterwise
+from ..sharding import is_sharded
 from .collectives import coalesced
 from .env import check_parallel_world
 
@@ -98,6 +99,9 @@ class ParallelMixedStep:
             raise ValueError("ParallelMixedStep needs the model (give the optimizer model=) for its running statistics")
         if isinstance(model, nn.parallel.DistributedDataParallel):
             raise TypeError("give ParallelMixedStep the plain model, not a DistributedDataParallel wrapper")
+        if any(is_sharded(p) for p in model.parameters()):
+            raise TypeError("ParallelMixedStep runs on an unsharded model; a fully_shard model trains m-(A)RWP "
+                            "data-parallel with the optimizer's own step")
         check_parallel_world(dist.get_world_size())
         self.optimizer = optimizer
         self.model = model
@@ -142,15 +146,14 @@ class ParallelMixedStep:
         opt = self.optimizer
         if closure is None:
             opt._call(None)
-        opt.zero_grad(set_to_none=True)
+        opt._clear_grads()
         perturbs = any(group["lam"] > 0 for group in opt.param_groups)
         loss = None
         if self.clean:
             if perturbs:
                 # The perturbed ranks' draws, dropped: the generator moves alike on every rank.
-                for _, group_params in opt._noise_groups():
-                    for p in group_params:
-                        gaussian_draw(p.shape, opt.generator, p)
+                params = [p for _, p in opt._noise_entries()]
+                opt._noise_layout(params).skip(params, opt.generator)
             loss = opt._call(closure)
         elif perturbs:
             # Restored from a copy: subtracting ε again would leave these ranks a few ulp from the clean ones.

@@ -18,9 +18,10 @@ from typing import Any, Dict, List, Tuple
 import torch
 from torch import Tensor
 
-from ..perturb import filter_sq_sums, filter_view, is_filterwise
+from ..perturb import filter_sq_sums_of, filter_view, is_filterwise
+from ..sharding import local, sharded_like
 from .base import BaseOptimizer, check_range
-from .rwp import RWP
+from .rwp import RWP, Entry
 
 
 class AdaptiveNoise:
@@ -34,39 +35,44 @@ class AdaptiveNoise:
         check_range("eta", group["eta"], 0.0, float("inf"), high_open=True)
         check_range("beta", group["beta"], 0.0, 1.0, high_open=True)
 
-    def _noise_scales(self, params: List[Tensor], group: Dict[str, Any]) -> List[Tensor]:
-        scales = super()._noise_scales(params, group)  # type: ignore[misc]
-        tracked = [i for i, p in enumerate(params) if "F" in self.state[p]]  # F = 0 (no shrink) until then
+    def _noise_scales(self, entries: List[Entry]) -> List[Tensor]:
+        """``σ · s(W) / sqrt(1 + η · F)``, with ``F`` laid out over each filter."""
+        scales = super()._noise_scales(entries)  # type: ignore[misc]
+        tracked = [i for i, (_, p) in enumerate(entries) if "F" in self.state[p]]  # F = 0 (no shrink) until then
         if not tracked:
             return scales
-        shrink = torch._foreach_mul([self.state[params[i]]["F"] for i in tracked], group["eta"])
+        shrink = torch._foreach_mul([local(self.state[entries[i][1]]["F"]) for i in tracked],
+                                    [entries[i][0]["eta"] for i in tracked])
         torch._foreach_add_(shrink, 1.0)
         torch._foreach_rsqrt_(shrink)
+        factors = []
         for i, factor in zip(tracked, shrink):
-            p = params[i]
+            p = entries[i][1]
             factor = factor.to(scales[i].dtype)
-            scales[i] = scales[i] * (filter_view(factor, p) if is_filterwise(p) else factor)
+            factors.append(filter_view(factor, p) if is_filterwise(p) else factor)
+        # Out of place: a 1-D tensor's scale is one number, its shrink one per element.
+        for i, scale in zip(tracked, torch._foreach_mul([scales[i] for i in tracked], factors)):
+            scales[i] = scale
         return scales
 
     def _perturbed_stats(self) -> List[Tuple[Tensor, Tensor, float]]:
         """Per-filter sums of the squared perturbed gradient now in ``.grad``, with each group's β."""
-        return [
-            (p, filter_sq_sums(p.grad), group["beta"])
-            for group in self.param_groups
-            for p in group["params"]
-            if p.grad is not None
-        ]
+        entries = [(group, p) for group in self.param_groups for p in group["params"] if p.grad is not None]
+        sums = filter_sq_sums_of([p.grad for _, p in entries])
+        return [(p, s, group["beta"]) for (group, p), s in zip(entries, sums)]
 
     def _observe(self, pending: List[Tuple[Tensor, Tensor, float]], inv_scale_sq: float) -> None:
         """``F ← β · F + Σ g²`` (``F = 0`` before the first update, so the first sets ``F = Σ g²``)."""
-        for p, sums, beta in pending:
-            if inv_scale_sq != 1.0:
-                sums.mul_(inv_scale_sq)
-            F = self.state[p].get("F")
-            if F is None:
-                self.state[p]["F"] = sums
-            else:
-                F.mul_(beta).add_(sums)
+        if inv_scale_sq != 1.0:
+            torch._foreach_mul_([sums for _, sums, _ in pending], inv_scale_sq)
+        tracked = [(local(self.state[p]["F"]), sums, beta) for p, sums, beta in pending if "F" in self.state[p]]
+        for p, sums, _ in pending:
+            if "F" not in self.state[p]:
+                self.state[p]["F"] = sharded_like(sums, p)  # a sharded parameter's F is sharded like it
+        if tracked:
+            Fs = [F for F, _, _ in tracked]
+            torch._foreach_mul_(Fs, [beta for _, _, beta in tracked])
+            torch._foreach_add_(Fs, [sums for _, sums, _ in tracked])
 
 
 class ARWP(AdaptiveNoise, RWP):

@@ -8,19 +8,24 @@ per update:
 two consecutive mini-batches per update) or the same batch twice.
 
 No buffer holds either gradient. The perturbed pass runs first, into an empty ``.grad``, so
-m-ARWP reads the perturbed gradient alone (gradient accumulation inside the closure included).
-``.grad`` is then scaled by ``λ / (1 − λ)``, the clean pass accumulates on top in place, and the sum
-is scaled by ``1 − λ``: ``(1 − λ) · (λ/(1 − λ) · g2 + g1) = λ · g2 + (1 − λ) · g1``. (For ``λ = 1`` the
-clean gradient is set aside and dropped instead.) The two terms are independent, so the order does
-not change ``g``. Running statistics are updated by the clean pass only; m-ARWP's ``F`` only from the
-perturbed gradient.
+m-ARWP reads the perturbed gradient alone (gradient accumulation inside the closure included), and
+the result is scaled by ``λ / (1 − λ)``. The clean pass then starts from an empty ``.grad`` as well,
+so a closure that zeroes gradients (``opt.zero_grad()``, ``model.zero_grad()``, Lightning's
+closure) cannot wipe the perturbed term: a hook on each tensor folds the clean gradient into the
+held perturbed one the moment autograd accumulates it, in place, exactly where a plain accumulation
+would add it. The sum is scaled by ``1 − λ``:
+``(1 − λ) · (λ/(1 − λ) · g2 + g1) = λ · g2 + (1 − λ) · g1``. (For ``λ = 1`` the clean gradient is
+dropped instead.) The two terms are independent, so the order does not change ``g``. Running
+statistics are updated by the clean pass only; m-ARWP's ``F`` only from the perturbed gradient.
 """
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set
 
 import torch
+from torch import Tensor
 
 from ..norm_stats import frozen_norm_stats
 from .arwp import AdaptiveNoise
@@ -48,6 +53,9 @@ class MRWP(RWP):
     ) -> None:
         check_range("lam", lam, 0.0, 1.0)
         method_defaults = {"lam": lam, **kwargs.pop("method_defaults", {})}
+        self._held: Optional[Dict[Tensor, Optional[Tensor]]] = None  # during a clean pass: the terms to fold into
+        self._folded: Set[Tensor] = set()
+        self._hooked: Set[Tensor] = set()
         super().__init__(params, base_optimizer, sigma=sigma, method_defaults=method_defaults, **kwargs)
 
     def _check_group(self, group: Dict[str, Any]) -> None:
@@ -63,21 +71,78 @@ class MRWP(RWP):
             if grads:
                 torch._foreach_mul_(grads, factor(group["lam"]))
 
+    def _fold(self, p: Tensor) -> None:
+        """Post-accumulate hook of every tensor: during a clean pass, add the gradient autograd just
+        accumulated into ``.grad`` to the held perturbed term, which becomes ``.grad``."""
+        held = self._held
+        if held is None or p not in held:
+            return
+        total = held[p]
+        if p.grad is total:  # a later backward of the same closure accumulated in place
+            return
+        if total is None:
+            held[p] = p.grad
+        else:
+            total.add_(p.grad)
+            p.grad = total
+        self._folded.add(p)
+
+    def _hook(self, params: List[Tensor]) -> None:
+        """Give every tensor the folding hook once. It holds the optimizer weakly and does nothing
+        outside a clean pass, so it costs nothing to keep between steps."""
+        owner = weakref.ref(self)
+
+        def fold(p: Tensor) -> None:
+            optimizer = owner()
+            if optimizer is not None:
+                optimizer._fold(p)
+
+        for p in params:
+            if p not in self._hooked:
+                p.register_post_accumulate_grad_hook(fold)
+                self._hooked.add(p)
+
     @contextmanager
-    def _dropping_grads_where_lam_is_one(self) -> Iterator[None]:
-        """Inside, groups with ``λ = 1`` collect their clean gradient in a fresh ``.grad`` that is dropped."""
-        # Under DDP with gradient_as_bucket_view the clean gradient is written into the very bucket
-        # that holds the kept one: keep a copy there.
+    def _clean_pass(self) -> Iterator[None]:
+        """Inside, ``.grad`` starts empty and every gradient autograd accumulates is folded into the
+        held perturbed term; on exit ``.grad`` is that sum (in groups with ``λ = 1``, the perturbed
+        term alone).
+
+        The fold runs in a post-accumulate hook, before DDP's reducer reads ``.grad``, so under DDP
+        the sum is what gets averaged, as a plain accumulation would be.
+        """
+        # Under DDP with gradient_as_bucket_view the held gradient is DDP's bucket, which the clean
+        # pass's reduction overwrites: a group with λ = 1 keeps a copy of it.
         copy = getattr(self.model, "gradient_as_bucket_view", False)
-        kept = {p: p.grad.clone() if copy and p.grad is not None else p.grad
-                for g in self.param_groups if g["lam"] == 1 for p in g["params"]}
-        for p in kept:
-            p.grad = None
+        held: Dict[Tensor, Optional[Tensor]] = {}
+        dropped: Dict[Tensor, Optional[Tensor]] = {}
+        for group in self.param_groups:
+            if group["lam"] == 1:  # the clean gradient stays in its own fresh .grad and is dropped on exit
+                for p in group["params"]:
+                    if p.requires_grad:
+                        dropped[p] = p.grad.clone() if copy and p.grad is not None else p.grad
+                        p.grad = None
+                continue
+            for p in group["params"]:
+                if p.requires_grad:
+                    held[p] = p.grad
+                    p.grad = None
+        self._hook(list(held))
+        self._held, self._folded = held, set()
         try:
             yield
         finally:
-            for p, grad in kept.items():
-                p.grad = grad
+            folded, self._held = self._folded, None
+            for p, total in held.items():
+                if p.grad is None:
+                    p.grad = total
+                elif p not in folded and total is not None:
+                    # .grad was set without autograd's accumulation (no hook ran): add the two here.
+                    total.add_(p.grad)
+                    p.grad = total
+                # A folded .grad stays: DDP with gradient_as_bucket_view may have moved it into a bucket.
+            for p, total in dropped.items():
+                p.grad = total
 
     @torch.no_grad()
     def step(  # type: ignore[override]
@@ -88,14 +153,14 @@ class MRWP(RWP):
         if closure is None:
             self._call(None)
         perturbed_closure = closure if perturbed_closure is None else perturbed_closure
-        self.zero_grad(set_to_none=True)
+        self._clear_grads()
         pending = None
         if any(group["lam"] > 0 for group in self.param_groups):
             with frozen_norm_stats(self.model), self._perturbed():
                 self._call(perturbed_closure, "perturbed_closure")
             pending = self._perturbed_stats()
             self._scale_grads(lambda lam: lam / (1.0 - lam))
-        with self._dropping_grads_where_lam_is_one():
+        with self._clean_pass():
             loss = self._call(closure)
         self._scale_grads(lambda lam: 1.0 - lam)
         self._update(pending)

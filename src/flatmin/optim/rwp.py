@@ -1,12 +1,13 @@
 """RWP: random weight perturbation, one gradient per update (Li et al., arXiv 2211.11489).
 
-    ε = σ · s(W) ⊙ z,   z ~ N(0, I)        for every trainable tensor W (filter-wise s, SPEC.md)
+    ε = σ · s(W) ⊙ z,   z ~ N(0, I)        for every trainable tensor W (filter-wise s: docs/algorithms.md)
     g = ∇L(w + ε; B)                        one forward and backward at the perturbed weights
     w ← base_step(w, g)                     at the unperturbed w
 
-``σ`` (``sigma``) is the relative noise radius. The noise is undone in place by redrawing it from
-the optimizer's generator, so no copy of the weights and no buffer of noise is kept. Running
-statistics are updated in the perturbed pass, the only one.
+``σ`` (``sigma``) is the relative noise radius. The noise is undone in place: the noise of the
+largest tensors (up to the size of the largest one) is kept for the undo and the rest is drawn
+again from the optimizer's generator, so no copy of the weights is kept. Running statistics are
+updated in the perturbed pass, the only one.
 """
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ from typing import Any, ContextManager, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..perturb import filter_norms, gaussian_shift
+from ..perturb import NoiseLayout, filter_scales, gaussian_shift, noise_layout
 from .base import BaseOptimizer, Closure, WrappedOptimizer, check_range
+
+Entry = Tuple[Dict[str, Any], Tensor]  # a tensor and its parameter group
 
 
 class RWP(WrappedOptimizer):
@@ -33,34 +36,40 @@ class RWP(WrappedOptimizer):
     def __init__(self, params: Any, base_optimizer: BaseOptimizer, sigma: float = 0.01, **kwargs: Any) -> None:
         check_range("sigma", sigma, 0.0, float("inf"), high_open=True)
         defaults = {"sigma": sigma, **kwargs.pop("method_defaults", {})}
+        self._layout: Optional[NoiseLayout] = None
         super().__init__(params, base_optimizer, defaults, **kwargs)
 
     def _check_group(self, group: Dict[str, Any]) -> None:
         check_range("sigma", group["sigma"], 0.0, float("inf"), high_open=True)
 
-    def _noise_scales(self, params: List[Tensor], group: Dict[str, Any]) -> List[Tensor]:
-        """``σ · s(W)`` for each tensor of ``group``, broadcastable over it (ARWP shrinks it further)."""
-        scales = [filter_norms(p.detach()) for p in params]
-        torch._foreach_mul_(scales, group["sigma"])
+    def _noise_entries(self) -> List[Entry]:
+        """``(group, tensor)`` for every trainable tensor of a group with ``σ > 0``, in drawing order."""
+        return [(group, p) for group in self.param_groups if group["sigma"] != 0
+                for p in group["params"] if p.requires_grad]
+
+    def _noise_scales(self, entries: List[Entry]) -> List[Tensor]:
+        """``σ · s(W)`` for each tensor, broadcastable over it (ARWP shrinks it further)."""
+        scales = filter_scales([p for _, p in entries])  # step runs under no_grad: no graph, no detach
+        sigmas = [group["sigma"] for group, _ in entries]
+        if scales and sigmas.count(sigmas[0]) == len(sigmas):
+            torch._foreach_mul_(scales, sigmas[0])
+        elif scales:
+            torch._foreach_mul_(scales, sigmas)
         return scales
 
-    def _noise_groups(self) -> List[Tuple[Dict[str, Any], List[Tensor]]]:
-        """``(group, its trainable tensors)`` for every group with ``σ > 0``, in the order noise is drawn."""
-        groups = [(group, [p for p in group["params"] if p.requires_grad]) for group in self.param_groups]
-        return [(group, params) for group, params in groups if group["sigma"] != 0 and params]
+    def _noise_layout(self, params: List[Tensor]) -> NoiseLayout:
+        """The layout of the draws for ``params``, remembered while they stay the same tensors."""
+        self._layout = noise_layout(params, cached=self._layout)
+        return self._layout
 
     def _perturbed(self, exact: Optional[bool] = None) -> ContextManager[None]:
         """A context in which the weights are ``w + ε`` (restored on exit, also on an exception;
         bit-exactly from a copy when ``exact``, which defaults to ``exact_restore``)."""
-        params, scales = [], []
-        for group, group_params in self._noise_groups():
-            params += group_params
-            scales += self._noise_scales(group_params, group)
-        # Keeping the noise of tensors up to the size of the largest one costs no more memory than
-        # the one transient redrawing needs anyway, and saves most of the second draw.
-        keep = max((p.numel() * p.element_size() for p in params), default=0)
+        entries = self._noise_entries()
+        params = [p for _, p in entries]
+        scales = self._noise_scales(entries)
         exact = self.exact_restore if exact is None else exact
-        return gaussian_shift(params, scales, self.generator, exact=exact, keep_bytes=keep)
+        return gaussian_shift(params, scales, self.generator, self._noise_layout(params), exact=exact)
 
     def _perturbed_stats(self) -> Optional[Any]:
         """Statistics of the perturbed gradient now in ``.grad`` that the state needs (ARWP)."""
@@ -71,7 +80,7 @@ class RWP(WrappedOptimizer):
         """One update: perturb, ``closure()`` at ``w + ε``, restore ``w``, base step with that gradient."""
         if closure is None:
             self._call(None)
-        self.zero_grad(set_to_none=True)
+        self._clear_grads()
         with self._perturbed():
             loss = self._call(closure)
         self._update(self._perturbed_stats())

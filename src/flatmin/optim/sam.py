@@ -20,7 +20,7 @@ from typing import Any, ContextManager, Dict, Optional
 import torch
 
 from ..norm_stats import frozen_norm_stats
-from ..perturb import shifted_weights
+from ..perturb import shifted_by
 from .base import BaseOptimizer, Closure, WrappedOptimizer, check_range, global_norm
 
 
@@ -58,7 +58,7 @@ class SAM(WrappedOptimizer):
         """One update: ``closure()`` at ``w``, ascend to ``w + ε``, ``closure()`` there, restore, base step."""
         if closure is None:
             self._call(None)
-        self.zero_grad(set_to_none=True)
+        self._clear_grads()
         distributed = isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
         with self._per_worker():
             loss = self._call(closure)
@@ -90,7 +90,7 @@ class SAM(WrappedOptimizer):
             p.grad = None
         # Each worker shifts by its own ε: only an exact restore brings all of them back to the same w.
         exact = self.exact_restore or distributed
-        with frozen_norm_stats(self.model), shifted_weights(params, lambda: iter(eps), exact=exact):
+        with frozen_norm_stats(self.model), shifted_by(params, eps, exact=exact):
             self._call(closure)
         del eps
         self._update()

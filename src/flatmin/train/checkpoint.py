@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Union
+from typing import Any, Dict, Sequence, Union
 
 import torch
 
@@ -32,8 +32,9 @@ def save_checkpoint(path: Union[str, Path], payload: Dict[str, Any]) -> None:
         raise
 
 
-def load_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
-    """Read a checkpoint written by ``save_checkpoint``; a clear ``CheckpointError`` otherwise."""
+def load_checkpoint(path: Union[str, Path], require: Sequence[str] = ()) -> Dict[str, Any]:
+    """Read a checkpoint written by ``save_checkpoint`` that holds every entry in ``require``; a
+    clear ``CheckpointError`` otherwise."""
     path = Path(path)
     if path.is_dir():
         path = path / "checkpoint.pt"
@@ -45,4 +46,8 @@ def load_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} is damaged or not a torch file ({type(err).__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a flatmin checkpoint")
+    missing = [key for key in require if key not in payload]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} has no {', '.join(missing)}: it is damaged or was not written "
+                              f"by flatmin train")
     return payload

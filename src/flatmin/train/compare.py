@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..analysis.plots import overlay
 from . import compare_plots
-from .config import METHOD_DEFAULTS, METHOD_HPARAMS, ConfigError, TrainConfig
+from .config import METHOD_DEFAULTS, METHOD_HPARAMS, PROGRESS_MODES, ConfigError, TrainConfig, choice, output_folder
 from .flatness import OVERLAY_PARTS, analyze_checkpoint, write_json
 from .loop import train
 from .stats import paired_t_interval
@@ -42,9 +42,18 @@ def run_configs(base: TrainConfig, methods: Sequence[str], seeds: int) -> List[T
     Hyperparameters set in ``base`` apply to the methods that have them (``sigma`` to the RWP
     family, ``rho`` to SAM/ASAM) and are left out for the others.
     """
+    if not methods:
+        raise ConfigError(f"--methods names no method: choose from {', '.join(METHOD_DEFAULTS)}")
     for method in methods:
         if method not in METHOD_DEFAULTS:
             raise ConfigError(f"unknown method {method!r} in --methods: choose from {', '.join(METHOD_DEFAULTS)}")
+        if list(methods).count(method) > 1:
+            raise ConfigError(f"--methods names {method!r} twice: each method is one row of the comparison")
+    base.check_types()  # the seed and the folder are used below, before each run's own validate()
+    choice("progress", base.progress, PROGRESS_MODES)  # every run is quiet, but a typo is still one
+    if base.stop_after is not None:
+        raise ConfigError(f"stop_after={base.stop_after} is not allowed in a comparison: every run trains to the "
+                          "end of its schedule")
     configs = []
     for method in methods:
         own = {name: getattr(base, name) if name in METHOD_DEFAULTS[method] else None for name in METHOD_HPARAMS}
@@ -82,8 +91,7 @@ def compare(base: TrainConfig, methods: Sequence[str], seeds: int = 3, jobs: int
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ConfigError(f"jobs={jobs!r} is not allowed: it must be an integer >= 1")
     configs = run_configs(base, methods, seeds)
-    out = Path(base.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(base.out)
     summaries: List[Dict[str, Any]] = []
     entries: List[Dict[str, Any]] = []
 

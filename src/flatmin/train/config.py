@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+import tempfile
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Union
 
 import yaml
 
@@ -19,7 +22,7 @@ from ..optim import METHODS
 from ..optim.base import check_range
 
 # Method hyperparameters used when the run does not set them. ``sigma_inc`` is the CosineInc
-# growth of σ over the run (SPEC.md): 0 keeps σ constant.
+# growth of σ over the run (docs/algorithms.md, "σ schedule"): 0 keeps σ constant.
 METHOD_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "sgd": {},
     "sam": {"rho": 0.05},
@@ -53,12 +56,20 @@ DATA_RECIPES: Dict[str, Dict[str, Dict[str, Any]]] = {
 }
 # Every method the trainer knows: the optimizers of flatmin.create, and NRS (a loss with plain SGD).
 TRAIN_METHODS = (*METHODS, "nrs")
-# What a run shares with plain SGD trained for ``epochs`` (SPEC.md, the papers' comparison protocol).
+# What a run shares with plain SGD trained for ``epochs`` (docs/algorithms.md, "Comparison protocol").
 BUDGETS = ("epochs", "updates", "gradients")
 METHOD_HPARAMS = ("sigma", "sigma_inc", "lam", "eta", "beta", "rho", "alpha", "neighbour", "divergence")
+PROGRESS_MODES = ("auto", "bar", "log", "none")
+# The allowed interval of each numeric hyperparameter, (low, high, high_open), as the methods check it.
+HPARAM_RANGES = {"sigma": (0.0, math.inf, True), "sigma_inc": (0.0, math.inf, True), "lam": (0.0, 1.0, False),
+                 "eta": (0.0, math.inf, True), "beta": (0.0, 1.0, True), "rho": (0.0, math.inf, True),
+                 "alpha": (0.0, math.inf, True)}
 # The only settings a resumed run may change: where and how it runs, and how long.
 RESUMABLE_CHANGES = ("epochs", "device", "out", "progress", "threads", "num_workers", "data_dir", "eval_batch_size",
-                     "flatness", "stop_after")
+                     "flatness", "stop_after", "log")
+# Settings of one invocation, not of the run: a resumed run does not inherit them from its checkpoint
+# (a run stopped with --stop-after continues to the end of its schedule unless it is given again).
+NOT_INHERITED = ("stop_after",)
 
 
 class ConfigError(ValueError):
@@ -106,6 +117,7 @@ class TrainConfig:
     threads: Optional[int] = field(default=None, metadata={"help": "CPU threads for torch (default: torch's)"})
     stop_after: Optional[int] = field(default=None, metadata={"help": "stop once this many epochs of the schedule are done (checkpointed); continue later with --resume"})
     flatness: int = field(default=0, metadata={"help": "batches of training data for the Hessian's top eigenvalue and trace in the summary (0: skip)"})
+    log: Optional[str] = field(default=None, metadata={"help": "also log to: tensorboard (event files in the output folder; needs flatmin[tensorboard])"})
     out: str = field(default="runs/train", metadata={"help": "output folder: metrics.jsonl, summary.json, checkpoint.pt"})
     progress: str = field(default="auto", metadata={"help": "auto (bar on a terminal, log lines otherwise), bar, log, none"})
 
@@ -122,14 +134,17 @@ class TrainConfig:
         from ..data import DATASETS
         from ..models import MODELS
 
+        self.check_types()
         choice("data", self.data, DATASETS)
         choice("model", self.model, MODELS)
         choice("method", self.method, TRAIN_METHODS)
         choice("base", self.base, ("sgd", "adamw", "adam"))
-        choice("progress", self.progress, ("auto", "bar", "log", "none"))
+        choice("progress", self.progress, PROGRESS_MODES)
         choice("budget", self.budget, BUDGETS)
         if self.amp is not None:
             choice("amp", self.amp, ("bf16", "fp16"))
+        if self.log is not None:
+            choice("log", self.log, ("tensorboard",))
         for name in ("epochs", "batch_size", "eval_batch_size"):
             positive_int(name, getattr(self, name))
         if self.threads is not None:
@@ -145,14 +160,16 @@ class TrainConfig:
             raise ConfigError(f"num_workers={self.num_workers} is not allowed: it must be >= 0")
         if self.cutout < 0:
             raise ConfigError(f"cutout={self.cutout} is not allowed: it must be >= 0")
-        check_range("lr", self.lr, 0.0, math.inf, low_open=True)
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed={self.seed} is not allowed: it must be an integer in [0, 2**63)")
+        check_range("lr", self.lr, 0.0, math.inf, low_open=True, high_open=True)
         check_range("momentum", self.momentum, 0.0, 1.0, high_open=True)
-        check_range("weight_decay", self.weight_decay, 0.0, math.inf)
+        check_range("weight_decay", self.weight_decay, 0.0, math.inf, high_open=True)
         check_range("warmup_epochs", self.warmup_epochs, 0.0, float(self.epochs))
         check_range("label_smoothing", self.label_smoothing, 0.0, 1.0, high_open=True)
         check_range("val_fraction", self.val_fraction, 0.0, 1.0, high_open=True)
         if self.clip is not None:
-            check_range("clip", self.clip, 0.0, math.inf, low_open=True)
+            check_range("clip", self.clip, 0.0, math.inf, low_open=True, high_open=True)
         allowed = set(METHOD_DEFAULTS[self.method])
         for name in METHOD_HPARAMS:
             if getattr(self, name) is not None and name not in allowed:
@@ -161,20 +178,42 @@ class TrainConfig:
                     f"(its hyperparameters: {', '.join(sorted(allowed)) or 'none'})"
                 )
         hp = self.hparams()
-        if "sigma_inc" in hp:
-            check_range("sigma_inc", hp["sigma_inc"], 0.0, math.inf)
+        for name, (low, high, high_open) in HPARAM_RANGES.items():
+            if name in hp:
+                check_range(name, hp[name], low, high, high_open=high_open)
         if "neighbour" in hp:
             choice("neighbour", hp["neighbour"], NEIGHBOURS)
             choice("divergence", hp["divergence"], DIVERGENCES)
-        if self.device != "cpu" and not (self.device == "cuda" or self.device.startswith("cuda:")):
-            raise ConfigError(f"device={self.device!r} is not allowed: use cpu, cuda or cuda:N")
+        check_device(self.device)
         return self
+
+    def check_types(self) -> None:
+        """Every setting of the type its field declares (a YAML file can hold anything)."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            allowed = typing.get_args(hints[f.name]) or (hints[f.name],)
+            if value is None and type(None) in allowed:
+                continue
+            if bool in allowed:
+                ok, kind = isinstance(value, bool), "true or false"
+            elif int in allowed:
+                ok, kind = isinstance(value, int) and not isinstance(value, bool), "an integer"
+            elif float in allowed:
+                ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+            else:
+                ok, kind = isinstance(value, str), "text"
+            if not ok:
+                raise ConfigError(f"{f.name}={value!r} is not allowed: it must be {kind}")
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values: Dict[str, Any], where: str = "config") -> "TrainConfig":
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: the settings must be a mapping of names to values, "
+                              f"not {type(values).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         clean = {}
         for key, value in values.items():
@@ -203,6 +242,27 @@ def load_yaml(path: str) -> Dict[str, Any]:
 def choice(name: str, value: Any, allowed: Any) -> None:
     if value not in allowed:
         raise ConfigError(f"unknown {name} {value!r}: choose one of {', '.join(map(str, allowed))}")
+
+
+def check_device(device: Any) -> None:
+    """``cpu``, ``cuda`` or ``cuda:N``: the devices flatmin trains and analyses on."""
+    if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise ConfigError(f"device={device!r} is not allowed: use cpu, cuda or cuda:N")
+
+
+def output_folder(path: Union[str, Path], name: str = "out") -> Path:
+    """``path`` as a folder that exists and takes new files (created if need be); a ``ConfigError``
+    naming it otherwise. Checked before any work, so a bad folder costs nothing already computed."""
+    if not str(path):
+        raise ConfigError(f"{name}='' is not allowed: give the folder the results go to")
+    folder = Path(path).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise ConfigError(f"{name}={str(path)!r} is not a folder flatmin can write to: {err.strerror or err}") from None
+    return folder
 
 
 def positive_int(name: str, value: Any) -> None:

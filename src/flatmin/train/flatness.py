@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ..analysis import analyze
 from ..data import make_loaders
-from .checkpoint import load_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint
 from .config import ConfigError
 from .loop import load_trained
 
@@ -34,7 +34,7 @@ def analyze_checkpoint(checkpoint: Union[str, Path], what: Sequence[str] = OVERL
     _, loaders = make_loaders(dataset, batch_size=batch_size, eval_batch_size=batch_size,
                               device=next(model.parameters()).device, seed=seed)
     if split not in loaders:
-        raise ConfigError(f"--split {split}: run {checkpoint} has no {split} split (it has {', '.join(loaders)})")
+        raise ConfigError(f"--split {split}: this run has no {split} split (it has {', '.join(loaders)}; {checkpoint})")
     data = list(itertools.islice(iter(loaders[split]), batches))
     result = analyze(model, F.cross_entropy, data, what=what, out_dir=None, seed=seed, progress=progress,
                      **(options or {}))
@@ -44,18 +44,27 @@ def analyze_checkpoint(checkpoint: Union[str, Path], what: Sequence[str] = OVERL
             "seed": cfg.seed, "data": cfg.data, "model": cfg.model, **result}
 
 
-def analyze_checkpoints(checkpoints: Sequence[Union[str, Path]], what: Sequence[str], **kwargs: Any) -> List[Dict[str, Any]]:
-    """``analyze_checkpoint`` for each, all on one data set; labels made unique with the path."""
+def check_checkpoints(checkpoints: Sequence[Union[str, Path]]) -> None:
+    """Every checkpoint readable, none given twice, all trained on one data set: a ``ConfigError``
+    or ``CheckpointError`` before any work otherwise."""
     seen, data = set(), set()
     for path in checkpoints:
         file = Path(path) / "checkpoint.pt" if Path(path).is_dir() else Path(path)
         if file.resolve() in seen:
             raise ConfigError(f"checkpoint {path} is given twice")
         seen.add(file.resolve())
-        data.add(str(load_checkpoint(file)["config"].get("data")))
+        config = load_checkpoint(file, require=("config",))["config"]
+        if not isinstance(config, dict):
+            raise CheckpointError(f"checkpoint {path} is damaged: its config is not a mapping of settings")
+        data.add(str(config.get("data")))
     if len(data) > 1:
         raise ConfigError(f"the checkpoints were trained on different data ({', '.join(sorted(data))}): "
                           "an overlay compares models on the same data")
+
+
+def analyze_checkpoints(checkpoints: Sequence[Union[str, Path]], what: Sequence[str], **kwargs: Any) -> List[Dict[str, Any]]:
+    """``analyze_checkpoint`` for each (after ``check_checkpoints``); labels made unique with the path."""
+    check_checkpoints(checkpoints)
     entries = [analyze_checkpoint(path, what, **kwargs) for path in checkpoints]
     labels = [e["label"] for e in entries]
     for e in entries:

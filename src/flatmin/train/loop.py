@@ -17,7 +17,6 @@ import platform
 import resource
 import time
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -33,10 +32,14 @@ from ..models import create_model
 from ..optim import CosineIncSigma, create
 from ..optim.base import WrappedOptimizer
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .config import RESUMABLE_CHANGES, ConfigError, TrainConfig
+from .config import RESUMABLE_CHANGES, ConfigError, TrainConfig, check_device, output_folder
 from .progress import Progress
+from .tensorboard import TensorBoardLog
 
 Batch = Tuple[Tensor, Tensor]
+# What a checkpoint of a run holds (see Trainer._checkpoint), all needed to resume it.
+RUN_ENTRIES = ("config", "epoch", "train_time", "history", "model", "optimizer", "lr_schedule", "sigma_schedule",
+               "scaler", "nrs", "rng")
 
 
 def cosine_with_warmup(total_updates: int, warmup_updates: int) -> Callable[[int], float]:
@@ -98,6 +101,7 @@ def evaluate(model: nn.Module, loader: Any, amp: Callable[[], Any], distributed:
 
 
 def _resolve_device(name: str) -> torch.device:
+    check_device(name)
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={name!r} was asked for, but torch sees no CUDA device here: use --device cpu")
@@ -118,7 +122,7 @@ class Trainer:
         self.cfg = cfg.validate()
         checkpoint = None
         if resume is not None:
-            checkpoint = load_checkpoint(resume)
+            checkpoint = load_checkpoint(resume, require=RUN_ENTRIES)
             self._check_compatible(checkpoint["config"], resume)
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
@@ -126,8 +130,7 @@ class Trainer:
         self.env: DistEnv = init_distributed(cfg.device, parallel=cfg.parallel)
         self.distributed = self.env.world_size > 1
         self.device = self.env.device if self.distributed else _resolve_device(cfg.device)
-        self.out = Path(cfg.out)
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.out = output_folder(cfg.out)
         torch.manual_seed(cfg.seed)
 
         self.dataset = load_dataset(cfg.data, data_dir=cfg.data_dir, val_fraction=cfg.val_fraction,
@@ -180,6 +183,13 @@ class Trainer:
             raise ConfigError(f"budget={cfg.budget!r} leaves {cfg.method} no update in {cfg.epochs} epochs of "
                               f"{cfg.data}: use more epochs")
         self.epochs = -(-self.total_updates // self.updates_per_epoch)
+        if checkpoint is not None and self.epochs < checkpoint["epoch"]:
+            if self.epochs == cfg.epochs:
+                more, fix = "", f"give --epochs {checkpoint['epoch']} or more"
+            else:  # the budget made other epochs of cfg.epochs
+                more, fix = f" (budget {cfg.budget}: {self.epochs} epochs of {cfg.method})", "give more --epochs"
+            raise CheckpointError(f"epochs={cfg.epochs}{more} is fewer than the {checkpoint['epoch']} epochs checkpoint "
+                                  f"{resume} has trained already: {fix}")
         # The warm-up is the same fraction of every schedule, whatever the budget made of the epochs.
         warmup = int(round(cfg.warmup_epochs / cfg.epochs * self.total_updates))
         # On the base optimizer (same param_groups): its step() runs on every path, parallel included.
@@ -196,6 +206,8 @@ class Trainer:
             self._restore(checkpoint, resume)
         # Built after the restore: it starts every rank from rank 0's weights, buffers and noise state.
         self.parallel_step = ParallelMixedStep(self.optimizer, self.model) if cfg.parallel else None
+        self.tensorboard = (TensorBoardLog(self.out, first_epoch=self.epoch + 1)
+                            if cfg.log == "tensorboard" and self.env.is_main else None)
 
     # ------------------------------------------------------------------ resume
     def _check_compatible(self, saved: Dict[str, Any], where: str) -> None:
@@ -302,6 +314,8 @@ class Trainer:
         start = time.perf_counter()
         for batches in itertools.islice(self._batches(), todo):
             loss = self._update(batches)
+            if self.scaler is not None:
+                self.scaler.update()  # the scale of the next update: lowered after an inf, raised in time
             self.lr_schedule.step()
             if self.sigma_schedule is not None:
                 self.sigma_schedule.step()
@@ -322,7 +336,9 @@ class Trainer:
         cfg = self.cfg
         progress = Progress(cfg.progress if self.env.is_main else "none")
         wall_start = time.perf_counter()
-        metrics = open(self.out / "metrics.jsonl", "a") if self.env.is_main else None
+        # A fresh run starts its own metrics.jsonl; a resumed one continues what _restore wrote.
+        metrics = open(self.out / "metrics.jsonl", "a" if self.history else "w") if self.env.is_main else None
+        start_epoch = self.epoch
         try:
             last = self.epochs if cfg.stop_after is None else min(self.epochs, cfg.stop_after)
             while self.epoch < last:
@@ -341,19 +357,24 @@ class Trainer:
                 if metrics is not None:
                     metrics.write(json.dumps(row) + "\n")
                     metrics.flush()
+                if self.tensorboard is not None:
+                    self.tensorboard.epoch(row, lam=self.optimizer.param_groups[0].get("lam"),
+                                           skipped_steps=getattr(self.optimizer, "skipped_steps", 0))
                 self._checkpoint()
                 progress.end_epoch(row)
         finally:
             if metrics is not None:
                 metrics.close()
-        summary = self._summary(time.perf_counter() - wall_start)
+            if self.tensorboard is not None:
+                self.tensorboard.close()
+        summary = self._summary(time.perf_counter() - wall_start, start_epoch)
         if self.env.is_main:
             tmp = self.out / "summary.json.tmp"
             tmp.write_text(json.dumps(summary, indent=2))
             tmp.replace(self.out / "summary.json")
         return summary
 
-    def _summary(self, wall_time: float) -> Dict[str, Any]:
+    def _summary(self, wall_time: float, start_epoch: int) -> Dict[str, Any]:
         cfg = self.cfg
         result: Dict[str, Any] = {
             "config": cfg.to_dict(),
@@ -364,6 +385,9 @@ class Trainer:
             "budget": cfg.budget,
             "epochs": self.epochs,
             "completed": self.epoch >= self.epochs,
+            "stopped_early": self.epoch < self.epochs,  # by --stop-after: continue with --resume
+            "epochs_done": self.epoch,
+            "start_epoch": start_epoch,  # > 0 for a resumed run; == epochs_done when it trained nothing
             "updates_per_epoch": self.updates_per_epoch,
             "updates": self._updates_done(),
             "grad_evals": self._updates_done() * self.grads_per_update,
@@ -397,7 +421,7 @@ class Trainer:
 def load_trained(checkpoint: str, device: str = "cpu") -> Tuple[TrainConfig, nn.Module, Any]:
     """The config, the trained model (eval mode, on ``device``) and the data set of a checkpoint
     written by ``flatmin train``."""
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = load_checkpoint(checkpoint, require=("config", "model"))
     cfg = TrainConfig.from_dict(ckpt["config"], where=str(checkpoint))
     dataset = load_dataset(cfg.data, data_dir=cfg.data_dir, val_fraction=cfg.val_fraction, seed=0, cutout=0)
     model = create_model(cfg.model, dataset.num_classes, dataset.input_shape)
