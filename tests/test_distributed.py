@@ -150,20 +150,23 @@ TWO_WORKERS = ["parallel m-rwp bn", "parallel m-arwp bn", "ddp sam", "ddp sam bu
 FOUR_WORKERS = ["parallel m-rwp", "parallel m-arwp"]
 
 
-def worker(out: Path, names) -> None:
-    """One worker (torchrun's variables set by ``launch``): run the scenarios, save what they left."""
+def worker(out: Path, names, scenarios=None) -> None:
+    """One worker (torchrun's variables set by ``launch``): run the scenarios (by default this
+    file's), save what they left."""
+    scenarios = SCENARIOS if scenarios is None else scenarios
     torch.set_num_threads(1)
     env = init_distributed("cpu", parallel=True, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     try:
-        results = {name: SCENARIOS[name](env) for name in names}
+        results = {name: scenarios[name](env) for name in names}
         torch.save(results, out / f"rank{env.rank}.pt")
         dist.barrier()  # no rank tears the group down while a peer still uses it
     finally:
         cleanup()
 
 
-def launch(world: int, names, out: Path):
-    """Start ``world`` workers on loopback, wait for all of them, return each rank's results."""
+def launch(world: int, names, out: Path, script: str = __file__):
+    """Start ``world`` workers on loopback (``script`` run with the output folder and ``names``),
+    wait for all of them, return each rank's results."""
     port = free_port()
     procs = []
     try:
@@ -171,7 +174,7 @@ def launch(world: int, names, out: Path):
             env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
             with open(out / f"rank{rank}.log", "wb") as log:  # the child keeps its own handle
-                procs.append(subprocess.Popen([sys.executable, __file__, str(out), *names], env=env,
+                procs.append(subprocess.Popen([sys.executable, script, str(out), *names], env=env,
                                               stdout=log, stderr=subprocess.STDOUT))
         deadline = time.monotonic() + LAUNCH_TIMEOUT_S
         for proc in procs:

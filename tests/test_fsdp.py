@@ -1,0 +1,174 @@
+"""Sharded training (FSDP2, ``fully_shard``): blocks and full-state checkpoints across world sizes.
+
+* API: workers (this file run as a script, on gloo) shard a conv + linear model whose dim 0 does not
+  divide by the world size (biases sharded too), train with a flatmin optimizer on shards of the
+  same global batches, and write a full-state checkpoint on 4 processes; 2 processes resume from
+  it. They must end on the weights and optimizer state of the uninterrupted 4-process run and of
+  the unsharded one-process run (float64, so "equal" means 1e-10, far below any real difference).
+"""
+import copy
+import functools
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import flatmin
+from flatmin.models import create_model
+from flatmin.optim.base import WrappedOptimizer
+from test_distributed import assert_close, launch, shard, worker
+
+STEPS, CUT = 4, 2  # updates in all, and the one after which the checkpoint is written
+METHODS = ["sgd", "sam"]
+SGD = {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3}
+
+
+# ---------------------------------------------------------------- shared by workers and references
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    # dim 0 of 5, 7 and 3: uneven shards on 2 and 4 ranks (one rank holds no row of the head at 4).
+    return nn.Sequential(nn.Conv1d(2, 5, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(30, 7), nn.Tanh(),
+                         nn.Linear(7, 3)).double()
+
+
+def make_optimizer(method: str, model: nn.Module) -> torch.optim.Optimizer:
+    if method == "sgd":
+        return torch.optim.SGD(model.parameters(), **SGD)
+    # SAM over AdamW: a nested base state with a scalar (step) beside the per-weight tensors.
+    return flatmin.SAM(model.parameters(), torch.optim.AdamW, model=model, rho=0.05, lr=0.01, weight_decay=1e-3)
+
+
+def global_batch(t: int):
+    g = torch.Generator().manual_seed(100 + t)
+    return torch.randn(16, 2, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (16,), generator=g)
+
+
+def update(opt: torch.optim.Optimizer, model: nn.Module, t: int, rank: int = 0, world: int = 1) -> None:
+    x, y = shard(global_batch(t), rank, world)
+
+    def closure():
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss.detach()
+
+    if isinstance(opt, WrappedOptimizer):
+        opt.step(closure)
+    else:
+        opt.zero_grad(set_to_none=True)
+        closure()
+        opt.step()
+
+
+# ---------------------------------------------------------------- what the workers run
+
+def sharded(method: str):
+    from flatmin.distributed.fsdp import process_group_mesh, shard_model
+
+    model = shard_model(make_model(), process_group_mesh(torch.device("cpu")))
+    return model, make_optimizer(method, model)
+
+
+def full_weights(model: nn.Module):
+    return [p.full_tensor().detach().clone() for p in model.parameters()]
+
+
+def write_and_continue(method: str, env, out: Path):
+    """Train to CUT, write a full-state checkpoint, train on to STEPS."""
+    from flatmin.distributed.fsdp import full_model_state, full_optimizer_state
+
+    model, opt = sharded(method)
+    for t in range(CUT):
+        update(opt, model, t, env.rank, env.world_size)
+    checkpoint = {"model": full_model_state(model), "optimizer": full_optimizer_state(opt)}
+    if env.rank == 0:
+        torch.save(checkpoint, out / f"checkpoint-{method}.pt")
+    for t in range(CUT, STEPS):
+        update(opt, model, t, env.rank, env.world_size)
+    return {"params": full_weights(model), "state": full_optimizer_state(opt), "checkpoint": checkpoint}
+
+
+def resume(method: str, env, out: Path):
+    """Load the checkpoint another launch wrote (in the parent folder) and train on to STEPS."""
+    from flatmin.distributed.fsdp import full_optimizer_state, load_full_model_state, load_full_optimizer_state
+
+    model, opt = sharded(method)
+    checkpoint = torch.load(out.parent / f"checkpoint-{method}.pt", weights_only=True)
+    load_full_model_state(model, checkpoint["model"])
+    load_full_optimizer_state(opt, checkpoint["optimizer"])
+    locals_ok = all(isinstance(s, torch.distributed.tensor.DTensor)
+                    for entry in opt.state.values() for s in entry.values() if s.ndim > 0)
+    for t in range(CUT, STEPS):
+        update(opt, model, t, env.rank, env.world_size)
+    return {"params": full_weights(model), "state": full_optimizer_state(opt), "sharded_state": locals_ok}
+
+
+SCENARIOS = {**{f"write {m}": functools.partial(write_and_continue, m) for m in METHODS},
+             **{f"resume {m}": functools.partial(resume, m) for m in METHODS}}
+
+
+@pytest.fixture(scope="module")
+def four_then_two(tmp_path_factory):
+    """Rank 0's results of the 4-process run that writes the checkpoints and of the 2-process resume."""
+    out = tmp_path_factory.mktemp("fsdp_four")
+    written = launch(4, [f"write {m}" for m in METHODS], out, script=__file__)[0]
+    (out / "resume").mkdir()
+    resumed = launch(2, [f"resume {m}" for m in METHODS], out / "resume", script=__file__)[0]
+    return written, resumed
+
+
+def reference(method: str):
+    """The unsharded model in one process on the whole global batches."""
+    model = make_model()
+    opt = make_optimizer(method, model)
+    states = {}
+    for t in range(STEPS):
+        if t == CUT:
+            states["checkpoint"] = copy.deepcopy({"model": model.state_dict(), "optimizer": opt.state_dict()})
+        update(opt, model, t)
+    return {"params": [p.detach().clone() for p in model.parameters()], "state": opt.state_dict(), **states}
+
+
+# ---------------------------------------------------------------- the tests
+
+@pytest.mark.parametrize("method", METHODS)
+def test_resume_on_two_processes_from_four_ends_on_the_uninterrupted_weights(four_then_two, method):
+    written, resumed = four_then_two
+    written, resumed = written[f"write {method}"], resumed[f"resume {method}"]
+    assert resumed["sharded_state"]  # the loaded state is sharded like the parameters, not whole
+    assert_close(resumed["params"], written["params"], "params")
+    assert_close(resumed["state"], written["state"])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_sharded_runs_and_their_checkpoint_equal_the_unsharded_run(four_then_two, method):
+    # The checkpoint holds what an unsharded run's state_dict holds: same names, shapes and values.
+    ref = reference(method)
+    written = four_then_two[0][f"write {method}"]
+    assert_close(written["checkpoint"], ref["checkpoint"], "checkpoint")
+    assert_close(written["params"], ref["params"], "params")
+    assert_close(four_then_two[1][f"resume {method}"]["state"], ref["state"])
+
+
+def test_blocks_are_the_repeated_units():
+    from flatmin.distributed.fsdp import find_blocks
+    from flatmin.models.resnet import BasicBlock
+
+    resnet = create_model("resnet18", 10, (3, 32, 32))
+    blocks = find_blocks(resnet)
+    assert [type(b) for b in blocks] == [nn.Conv2d] + [BasicBlock] * 8 + [nn.Linear]  # stem conv, blocks, head
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+    encoder = nn.Sequential(nn.Linear(4, 16), nn.TransformerEncoder(layer, 3, enable_nested_tensor=False))
+    assert [type(b) for b in find_blocks(encoder)] == [nn.Linear, nn.TransformerEncoder]
+    assert [type(b) for b in find_blocks(encoder[1])] == [nn.TransformerEncoderLayer] * 3
+    # An MLP's Linear layers; BatchNorm alone is no block; a model without containers is one unit.
+    assert [type(b) for b in find_blocks(create_model("mlp", 10, (64,)))] == [nn.Linear] * 3
+    assert find_blocks(nn.Linear(3, 2)) == [] and find_blocks(resnet.stages[0][0]) == []
+
+
+if __name__ == "__main__":
+    folder = Path(sys.argv[1])
+    worker(folder, sys.argv[2:], {name: functools.partial(run, out=folder) for name, run in SCENARIOS.items()})
