@@ -85,6 +85,8 @@ CONFIG_CASES = [
     case("--parallel", None, "--parallel is for the mixed methods m-rwp and m-arwp, not 'sam'", method="sam"),
     case("--parallel", None, "--parallel needs an even number of workers", method="m-rwp"),
     case("--parallel", "yes", "argument --parallel/--no-parallel: ignored explicit argument 'yes'", joined=True),
+    case("--fsdp", None, "--fsdp does not combine with --parallel", "--parallel", method="m-rwp"),
+    case("--fsdp", "yes", "argument --fsdp/--no-fsdp: ignored explicit argument 'yes'", joined=True),
     case("--same-batch", "yes", "argument --same-batch/--no-same-batch: ignored explicit argument 'yes'",
          joined=True),
     *numeric("--seed", "int", ["-1"]),

@@ -1,13 +1,18 @@
-"""Sharded training (FSDP2, ``fully_shard``): blocks and full-state checkpoints across world sizes.
+"""Sharded training (FSDP2, ``fully_shard``): blocks, full-state checkpoints across world sizes, and
+``flatmin train --fsdp`` under torchrun.
 
 * API: workers (this file run as a script, on gloo) shard a conv + linear model whose dim 0 does not
   divide by the world size (biases sharded too), train with a flatmin optimizer on shards of the
   same global batches, and write a full-state checkpoint on 4 processes; 2 processes resume from
   it. They must end on the weights and optimizer state of the uninterrupted 4-process run and of
   the unsharded one-process run (float64, so "equal" means 1e-10, far below any real difference).
+* CLI: ``--fsdp`` on 2 processes writes summary.json, metrics.jsonl and checkpoint.pt with the keys
+  and shapes of the DDP path (and here, for SGD, the DDP run's weights), evaluates through uneven
+  shards without a deadlock, and ``--stop-after`` + ``--resume`` end on the uninterrupted weights.
 """
 import copy
 import functools
+import json
 import sys
 from pathlib import Path
 
@@ -19,7 +24,10 @@ from torch import nn
 import flatmin
 from flatmin.models import create_model
 from flatmin.optim.base import WrappedOptimizer
-from test_distributed import assert_close, launch, shard, worker
+from flatmin.train import TrainConfig, train
+from flatmin.train.checkpoint import load_checkpoint
+from test_distributed import ATOL, assert_close, assert_identical, launch, shard, worker
+from test_train_distributed import torchrun
 
 STEPS, CUT = 4, 2  # updates in all, and the one after which the checkpoint is written
 METHODS = ["sgd", "sam"]
@@ -167,6 +175,80 @@ def test_blocks_are_the_repeated_units():
     # An MLP's Linear layers; BatchNorm alone is no block; a model without containers is one unit.
     assert [type(b) for b in find_blocks(create_model("mlp", 10, (64,)))] == [nn.Linear] * 3
     assert find_blocks(nn.Linear(3, 2)) == [] and find_blocks(resnet.stages[0][0]) == []
+
+
+# ---------------------------------------------------------------- flatmin train --fsdp
+
+QUICK = dict(data="digits", model="mlp", epochs=2, batch_size=128, progress="none")
+
+
+def test_one_process_fsdp_run_equals_the_plain_run_and_resumes_unsharded(tmp_path):
+    plain = train(TrainConfig(**QUICK, method="sgd", flatness=1, out=str(tmp_path / "plain")))
+    sharded_run = train(TrainConfig(**QUICK, method="sgd", fsdp=True, flatness=1, out=str(tmp_path / "fsdp")))
+    for key in ("test_acc", "train_loss", "hessian_top", "hessian_trace"):  # the Hessian on a gathered copy
+        assert sharded_run[key] == pytest.approx(plain[key], rel=1e-5), key
+    a, b = load_checkpoint(tmp_path / "plain"), load_checkpoint(tmp_path / "fsdp")
+    assert_close(b["model"], a["model"], "model")
+    assert_close(b["optimizer"], a["optimizer"], "optimizer")
+    # Stopped sharded, resumed unsharded: the checkpoint is the same either way.
+    train(TrainConfig(**QUICK, method="sgd", fsdp=True, stop_after=1, out=str(tmp_path / "cut")))
+    train(TrainConfig(**QUICK, method="sgd", out=str(tmp_path / "cut")), resume=str(tmp_path / "cut"))
+    assert_close(load_checkpoint(tmp_path / "cut")["model"], a["model"], "resumed model")
+
+
+CLI_METHOD = "sgd"
+# An evaluation batch of 673 splits the 1347 training samples 2 batches : 1 between the ranks, so the
+# sharded evaluation must pad rank 1 with a forward (a deadlock otherwise).
+CLI = ["--method", CLI_METHOD, "--epochs", "2", "--eval-batch-size", "673"]
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp_cli") / "full"
+    code, log = torchrun(*CLI, "--fsdp", "--out", str(out))
+    assert code == 0, log
+    return out
+
+
+def shapes(obj):
+    """The structure of a checkpoint entry with every tensor replaced by its dtype and shape."""
+    if isinstance(obj, dict):
+        return {key: shapes(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [shapes(value) for value in obj]
+    return (obj.dtype, tuple(obj.shape)) if isinstance(obj, torch.Tensor) else type(obj)
+
+
+def test_fsdp_cli_writes_the_ddp_format_and_ends_on_the_ddp_weights(fsdp_run, tmp_path):
+    code, log = torchrun(*CLI, "--out", str(tmp_path / "ddp"))
+    assert code == 0, log
+    ddp = tmp_path / "ddp"
+    summaries = [json.loads((run / "summary.json").read_text()) for run in (fsdp_run, ddp)]
+    assert summaries[0].keys() == summaries[1].keys() and summaries[0]["completed"]
+    assert (summaries[0]["config"]["fsdp"], summaries[1]["config"]["fsdp"]) == (True, False)
+    assert summaries[0]["workers"] == 2
+    # Every training and test sample counted once across the ranks, the padding forward not at all.
+    assert abs(summaries[0]["train_acc"] * 1347 - round(summaries[0]["train_acc"] * 1347)) < 1e-6
+    rows = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (fsdp_run, ddp)]
+    assert [list(r) for r in rows[0]] == [list(r) for r in rows[1]] and len(rows[0]) == 2
+    checkpoints = [load_checkpoint(run) for run in (fsdp_run, ddp)]
+    assert shapes({k: v for k, v in checkpoints[0].items() if k != "config"}) == \
+        shapes({k: v for k, v in checkpoints[1].items() if k != "config"})
+    # SGD reduces the same mean gradient either way, and both keep rank 0's running statistics.
+    assert_close(checkpoints[0]["model"], checkpoints[1]["model"], "model")
+    assert_close(checkpoints[0]["optimizer"], checkpoints[1]["optimizer"], "optimizer")
+
+
+def test_fsdp_cli_stop_and_resume_ends_on_the_uninterrupted_weights(fsdp_run, tmp_path):
+    cut = tmp_path / "cut"
+    code, log = torchrun(*CLI, "--fsdp", "--stop-after", "1", "--out", str(cut))
+    assert code == 0, log
+    assert load_checkpoint(cut)["epoch"] == 1
+    code, log = torchrun("--resume", str(cut / "checkpoint.pt"))
+    assert code == 0, log
+    full, resumed = load_checkpoint(fsdp_run), load_checkpoint(cut)
+    assert_identical(resumed["model"], full["model"], "model")
+    assert_identical(resumed["optimizer"], full["optimizer"], "optimizer")
 
 
 if __name__ == "__main__":
