@@ -99,6 +99,8 @@ CONFIG_CASES = [
     case("--device", "tpu", "device='tpu' is not allowed"),
     case("--device", "cuda:x", "device='cuda:x' is not allowed"),
     case("--amp", "fp8", "unknown amp 'fp8'"),
+    case("--log", "wandb", "unknown log 'wandb'"),
+    case("--log", "", "unknown log ''"),
     *numeric("--threads", "int", ["-1", "0"]),
     *numeric("--flatness", "int", ["-1"]),
     case("--out", "{file}", "out='{file}' is not a folder flatmin can write to"),

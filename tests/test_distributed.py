@@ -21,10 +21,7 @@ references:
 Models and data are float64, so "equal" means to ~1e-10, far below any difference in the maths.
 """
 import math
-import os
-import subprocess
 import sys
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -37,13 +34,13 @@ from torch.func import functional_call
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import flatmin
-from flatmin.distributed import DistEnv, DistributedError, ParallelMixedStep, cleanup, free_port, init_distributed
+from flatmin.distributed import DistEnv, DistributedError, ParallelMixedStep, cleanup, init_distributed
+from workers import launch
 
 STEPS = 4
 HPARAMS = {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3}
 RHO = 0.1
 COLLECTIVE_TIMEOUT_S = 30  # a worker waiting on a dead peer gives up after this
-LAUNCH_TIMEOUT_S = 90  # the whole group of workers, startup included
 ATOL = 1e-10
 
 
@@ -150,57 +147,26 @@ TWO_WORKERS = ["parallel m-rwp bn", "parallel m-arwp bn", "ddp sam", "ddp sam bu
 FOUR_WORKERS = ["parallel m-rwp", "parallel m-arwp"]
 
 
-def worker(out: Path, names, scenarios=None) -> None:
-    """One worker (torchrun's variables set by ``launch``): run the scenarios (by default this
-    file's), save what they left."""
-    scenarios = SCENARIOS if scenarios is None else scenarios
+def worker(out: Path, names) -> None:
+    """One worker (torchrun's variables set by ``launch``): run the scenarios, save what they left."""
     torch.set_num_threads(1)
     env = init_distributed("cpu", parallel=True, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     try:
-        results = {name: scenarios[name](env) for name in names}
+        results = {name: SCENARIOS[name](env) for name in names}
         torch.save(results, out / f"rank{env.rank}.pt")
         dist.barrier()  # no rank tears the group down while a peer still uses it
     finally:
         cleanup()
 
 
-def launch(world: int, names, out: Path, script: str = __file__):
-    """Start ``world`` workers on loopback (``script`` run with the output folder and ``names``),
-    wait for all of them, return each rank's results."""
-    port = free_port()
-    procs = []
-    try:
-        for rank in range(world):
-            env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-            with open(out / f"rank{rank}.log", "wb") as log:  # the child keeps its own handle
-                procs.append(subprocess.Popen([sys.executable, script, str(out), *names], env=env,
-                                              stdout=log, stderr=subprocess.STDOUT))
-        deadline = time.monotonic() + LAUNCH_TIMEOUT_S
-        for proc in procs:
-            proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the {world} workers did not finish within {LAUNCH_TIMEOUT_S} s")
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    failed = [rank for rank, proc in enumerate(procs) if proc.returncode != 0]
-    if failed:
-        logs = "\n".join((out / f"rank{rank}.log").read_text()[-3000:] for rank in failed)
-        pytest.fail(f"workers {failed} failed:\n{logs}")
-    return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
-
-
 @pytest.fixture(scope="module")
 def two_workers(tmp_path_factory):
-    return launch(2, TWO_WORKERS, tmp_path_factory.mktemp("two_workers"))
+    return launch(__file__, 2, TWO_WORKERS, tmp_path_factory.mktemp("two_workers"))
 
 
 @pytest.fixture(scope="module")
 def four_workers(tmp_path_factory):
-    return launch(4, FOUR_WORKERS, tmp_path_factory.mktemp("four_workers"))
+    return launch(__file__, 4, FOUR_WORKERS, tmp_path_factory.mktemp("four_workers"))
 
 
 # ---------------------------------------------------------------- references, in this process
@@ -342,7 +308,7 @@ def test_ddp_sam_ascends_per_worker_and_averages_the_second_gradient(two_workers
 def test_ddp_sam_non_finite_g0_on_one_worker_skips_on_all(tmp_path):
     # The worker with the non-finite g0 must still reach the all-reduced second pass (else the others
     # wait there forever); the non-finite average then makes every worker skip the same update.
-    ranks = launch(2, ["ddp sam non-finite"], tmp_path)
+    ranks = launch(__file__, 2, ["ddp sam non-finite"], tmp_path)
     assert [r["ddp sam non-finite"]["skipped"] for r in ranks] == [1, 1]
     assert_identical(ranks[1]["ddp sam non-finite"]["params"], ranks[0]["ddp sam non-finite"]["params"])
     assert all(torch.isfinite(p).all() for p in ranks[0]["ddp sam non-finite"]["params"])

@@ -604,6 +604,49 @@ def test_mixed_update_with_a_lam_one_group_and_a_zeroing_closure(name):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("name", PERTURBING)
+def test_a_gradient_computed_outside_step_is_refused_not_discarded(name):
+    # A backward before step() (Lightning's accumulating batches) would be thrown away by the step.
+    model = make_model()
+    opt = make(name, model)
+    (x, y), = batches(1)
+    before = weights(model)
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match=r"\.grad holds a gradient computed outside step\(\)"):
+        run_step(opt, model, (x, y))
+    assert all(torch.equal(a, b) for a, b in zip(before, weights(model)))
+    # zero_grad first, or touching only what the last step left, is fine; so is a failed step.
+    opt.zero_grad()
+    run_step(opt, model, (x, y))
+    opt.zero_grad(set_to_none=False)
+    run_step(opt, model, (x, y))
+    for p in model.parameters():
+        p.grad.mul_(2.0)  # e.g. a scaler unscaling, a logger clipping: the same tensors
+    run_step(opt, model, (x, y))
+
+    def failing():
+        F.cross_entropy(model(x), y).backward()
+        raise KeyError("boom")
+    with pytest.raises(KeyError):
+        opt.step(failing, failing) if opt.batches_per_step == 2 else opt.step(failing)
+    run_step(opt, model, (x, y))
+
+
+def test_a_step_without_closure_names_the_trainer_integrations():
+    opt = make("rwp", make_model())
+    with pytest.raises(ValueError, match=r"closure is required.*FlatminTrainer for Hugging Face"):
+        opt.step()
+
+
+def test_create_takes_parameter_groups():
+    model = make_model()
+    head = list(model[3].parameters())
+    body = [p for p in model.parameters() if all(p is not h for h in head)]
+    opt = flatmin.create("m-arwp", model, params=[{"params": body}, {"params": head, "sigma": 0.0}], seed=0, lr=0.1)
+    assert [len(g["params"]) for g in opt.param_groups] == [len(body), len(head)]
+    assert [g["sigma"] for g in opt.param_groups] == [0.015, 0.0] and opt.model is model
+
+
 @pytest.mark.parametrize("base", ["sgd", "adamw"])
 @pytest.mark.parametrize("name", ALL)
 def test_every_method_trains_with_sgd_and_adamw(name, base):

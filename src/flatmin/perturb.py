@@ -16,6 +16,8 @@ from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from .sharding import is_sharded, local, local_range, shard_group, sum_over_shards
+
 SCALE_FLOOR = 1e-16
 
 
@@ -42,11 +44,22 @@ def filter_norms(w: Tensor) -> Tensor:
 
 def filter_scales(params: Sequence[Tensor]) -> List[Tensor]:
     """``filter_norms`` of every tensor, with one reduction per filter-wise tensor and one call for
-    all the others together (what an optimizer step computes for each of its tensors)."""
-    whole = [p for p in params if not is_filterwise(p)]
-    whole_norms = iter(torch._foreach_norm(whole) if whole else ())
-    scales = [torch.linalg.vector_norm(p, dim=_filter_dims(p), keepdim=True) if is_filterwise(p) else next(whole_norms)
-              for p in params]
+    all the others together (what an optimizer step computes for each of its tensors).
+
+    For a tensor sharded along dim 0 (``flatmin.sharding``) the scale covers this process's rows:
+    a filter lies whole on one process, and the norm of a split 1-D tensor is summed over the
+    processes that share it.
+    """
+    values = [local(p) for p in params]
+    whole = [i for i, p in enumerate(params) if not is_filterwise(p)]
+    norms = dict(zip(whole, torch._foreach_norm([values[i] for i in whole]) if whole else ()))
+    split = [i for i in whole if shard_group(params[i]) is not None]
+    if split:
+        squares = [norms[i].square() for i in split]
+        sum_over_shards(squares, [params[i] for i in split])
+        norms.update(zip(split, torch._foreach_sqrt(squares)))
+    scales = [torch.linalg.vector_norm(v, dim=_filter_dims(v), keepdim=True) if i not in norms else norms[i]
+              for i, v in enumerate(values)]
     if scales:
         torch._foreach_clamp_min_(scales, SCALE_FLOOR)
     return scales
@@ -62,7 +75,9 @@ def filter_sq_sums(g: Tensor) -> Tensor:
 
 
 def filter_sq_sums_of(grads: Sequence[Tensor]) -> List[Tensor]:
-    """``filter_sq_sums`` of every tensor, in at least float32 (float64 stays float64)."""
+    """``filter_sq_sums`` of every tensor (of its local rows when sharded), in at least float32
+    (float64 stays float64)."""
+    grads = [local(g) for g in grads]
     sums = []
     for g in grads:
         dtype = g.dtype if g.dtype in (torch.float32, torch.float64) else torch.float32
@@ -207,16 +222,26 @@ class NoiseLayout:
             else:
                 self.draws.append((i in kept, [i]))
         self.redrawn = sum(1 for is_kept, _ in self.draws if not is_kept)  # the first ``redrawn`` draws
+        # Sharded tensors draw the noise of the whole tensor and keep their own range of it.
+        self.ranges = [local_range(p) for p in params]
+        self.sharded = any(is_sharded(p) for p in params)
 
     def draw(self, k: int, params: Sequence[Tensor], generator: torch.Generator) -> List[Tensor]:
-        """Draw ``k``: ``z ~ N(0, I)`` for each of its tensors, views of one flat draw."""
-        tensors = [params[i] for i in self.draws[k][1]]
+        """Draw ``k``: ``z ~ N(0, I)`` for each of its tensors (their local part), views of one flat draw."""
+        indices = self.draws[k][1]
+        tensors = [params[i] for i in indices]
         flat = torch.empty(sum(t.numel() for t in tensors), dtype=tensors[0].dtype, device=generator.device)
         flat.normal_(generator=generator)
         if flat.device != tensors[0].device:
             flat = flat.to(tensors[0].device)
-        return [z if z.shape == t.shape else z.view(t.shape)
-                for z, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+        out = []
+        for z, t, (start, stop) in zip(flat.split([t.numel() for t in tensors]), tensors,
+                                       [self.ranges[i] for i in indices]):
+            if stop - start != t.numel():
+                z = z[start:stop]
+            shape = local(t).shape if self.sharded else t.shape
+            out.append(z if z.shape == shape else z.view(shape))
+        return out
 
     def skip(self, params: Sequence[Tensor], generator: torch.Generator) -> None:
         """Move ``generator`` as one shift would, without touching any tensor."""
@@ -263,7 +288,8 @@ def gaussian_shift(
     generator state saved before them. The generator ends where one shift leaves it, with or
     without an exception, so that resuming and the undo never change what later steps draw.
     """
-    snapshot = [p.detach().clone() for p in params] if exact else None
+    targets = [local(p) for p in params] if layout.sharded else list(params)
+    snapshot = [t.detach().clone() for t in targets] if exact else None
     start = generator.get_state() if layout.redrawn else None
     kept: List[Tuple[List[int], List[Tensor]]] = []
     applied = 0
@@ -271,26 +297,27 @@ def gaussian_shift(
         with torch.no_grad():
             for k, (is_kept, indices) in enumerate(layout.draws):
                 delta = _deltas(layout, k, params, scales, generator)
-                torch._foreach_add_([params[i] for i in indices], delta)
+                torch._foreach_add_([targets[i] for i in indices], delta)
                 applied = k + 1
                 if is_kept and not exact:
-                    kept.append((indices, delta))
+                    # A sharded tensor's noise is a slice of the whole tensor's draw: keep the slice only.
+                    kept.append((indices, [d.clone() for d in delta] if layout.sharded else delta))
                 del delta
         yield
     finally:
         end = generator.get_state() if start is not None else None
         with torch.no_grad():
             if snapshot is not None:
-                torch._foreach_copy_(list(params), snapshot)
+                torch._foreach_copy_(targets, snapshot)
             else:
                 while kept:  # freed before any redraw: one draw in memory at a time
                     indices, delta = kept.pop()
-                    torch._foreach_sub_([params[i] for i in indices], delta)
+                    torch._foreach_sub_([targets[i] for i in indices], delta)
                     del delta
                 if start is not None:
                     generator.set_state(start)
                 for k in range(min(applied, layout.redrawn)):
-                    torch._foreach_sub_([params[i] for i in layout.draws[k][1]],
+                    torch._foreach_sub_([targets[i] for i in layout.draws[k][1]],
                                         _deltas(layout, k, params, scales, generator))
         if end is not None:
             generator.set_state(end)

@@ -55,6 +55,7 @@ from ..optim.arwp import AdaptiveNoise
 from ..optim.base import Closure
 from ..optim.mrwp import MRWP
 from ..perturb import filter_sq_sums, is_filterwise
+from ..sharding import is_sharded
 from .collectives import coalesced
 from .env import check_parallel_world
 
@@ -98,6 +99,9 @@ class ParallelMixedStep:
             raise ValueError("ParallelMixedStep needs the model (give the optimizer model=) for its running statistics")
         if isinstance(model, nn.parallel.DistributedDataParallel):
             raise TypeError("give ParallelMixedStep the plain model, not a DistributedDataParallel wrapper")
+        if any(is_sharded(p) for p in model.parameters()):
+            raise TypeError("ParallelMixedStep runs on an unsharded model; a fully_shard model trains m-(A)RWP "
+                            "data-parallel with the optimizer's own step")
         check_parallel_world(dist.get_world_size())
         self.optimizer = optimizer
         self.model = model

@@ -51,7 +51,8 @@ from torch.func import functional_call
 
 from ..norm_stats import frozen_norm_stats
 from ..optim.base import check_range
-from ..perturb import filter_norms, filter_view, gaussian_draw, is_filterwise, owned_generator
+from ..perturb import filter_scales, filter_view, gaussian_draw, is_filterwise, owned_generator, shifted_by
+from ..sharding import is_sharded, local, local_range, reshard
 
 NEIGHBOURS = ("random", "adversarial")
 DIVERGENCES = ("kl", "reverse-kl", "symmetric")
@@ -197,13 +198,24 @@ class NRSLoss:
         return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
 
     def _random(self, params: List[Tuple[str, Tensor]]) -> List[Tensor]:
-        """``ε = σ · s(W) ⊙ z`` per tensor, drawn in order from the loss's generator."""
+        """``ε = σ · s(W) ⊙ z`` per tensor, drawn in order from the loss's generator (for a tensor
+        sharded along dim 0: the whole tensor's ``z``, and this process's rows of ``ε``)."""
         out = []
         with torch.no_grad():
-            for _, p in params:
-                w = p.detach()
-                out.append(gaussian_draw(w.shape, self.generator, w).mul_(filter_norms(w).mul_(self.sigma)))
+            tensors = [p.detach() for _, p in params]
+            for w, scale in zip(tensors, filter_scales(tensors)):
+                z = gaussian_draw(w.shape, self.generator, local(w))
+                if is_sharded(w):
+                    start, stop = local_range(w)
+                    z = z.flatten()[start:stop].view(local(w).shape)
+                out.append(z.mul_(scale.mul_(self.sigma)))
         return out
+
+    def _check_unsharded(self, params: List[Tuple[str, Tensor]], what: str) -> None:
+        if any(is_sharded(p) for _, p in params):
+            raise ValueError(f"NRSLoss: {what} on a model sharded with fully_shard (DTensor parameters): its "
+                             "forward gathers the weights itself; use nrs.backward(model, x, y) with the random "
+                             "neighbour")
 
     def perturbation(
         self, model: nn.Module, x: Tensor, clean_output: Optional[Tensor] = None
@@ -217,6 +229,7 @@ class NRSLoss:
         start = self._random(params)
         if self.neighbour == "random":
             return {name: e for (name, _), e in zip(params, start)}
+        self._check_unsharded(params, "the adversarial neighbour")
         with torch.no_grad(), frozen_norm_stats(model):
             clean = model(x) if clean_output is None else clean_output.detach()
         probe = [e.clone().requires_grad_(True) for e in start]
@@ -237,6 +250,7 @@ class NRSLoss:
 
         The clean forward is the only one that updates normalisation running statistics.
         """
+        self._check_unsharded(self._trainable(model), "nrs(model, x, y)")
         output = model(x)
         base = base_loss(output, y)
         divergence: Optional[Tensor] = None
@@ -253,6 +267,51 @@ class NRSLoss:
         self.last_base_loss = base.detach()
         self.last_divergence = None if divergence is None else divergence.detach()
         return loss
+
+    def backward(self, model: nn.Module, x: Tensor, y: Any, base_loss: BaseLoss = F.cross_entropy) -> Tensor:
+        """Backpropagate ``L_NRS`` of this batch into ``.grad`` (adding to it, as ``loss.backward()``
+        does) and return the loss, detached.
+
+        The gradient is that of ``nrs(model, x, y).backward()``. On a model sharded with FSDP2
+        (``fully_shard``), whose forward gathers the weights itself so that they cannot be swapped
+        functionally, it is computed in two backward passes, each at the weights its branch ran at:
+        the perturbed branch while the shards are shifted to ``w + ε`` in place, then the clean branch
+        at ``w``. Only the random neighbour is available there. Running statistics are updated by the
+        clean forward only.
+        """
+        params = self._trainable(model)
+        if not any(is_sharded(p) for _, p in params):
+            loss = self(model, x, y, base_loss)
+            loss.backward()
+            return loss.detach()
+        if self.neighbour != "random":
+            self._check_unsharded(params, "the adversarial neighbour")
+        output = model(x)
+        clean_leaf = output.detach().requires_grad_(True)
+        with torch.enable_grad():
+            base = base_loss(clean_leaf, y)
+        divergence: Optional[Tensor] = None
+        if self.alpha == 0:
+            total = base
+            (clean_grad,) = torch.autograd.grad(total, [clean_leaf])
+        else:
+            eps = self._random(params)
+            shards = [local(p) for _, p in params]
+            with frozen_norm_stats(model), shifted_by(shards, eps):
+                reshard(model)  # the next forward gathers the shifted shards
+                perturbed = model(x)
+                perturbed_leaf = perturbed.detach().requires_grad_(True)
+                with torch.enable_grad():
+                    divergence = output_divergence(clean_leaf, perturbed_leaf, self.divergence)
+                    total = base + self.alpha * divergence
+                clean_grad, perturbed_grad = torch.autograd.grad(total, [clean_leaf, perturbed_leaf])
+                perturbed.backward(perturbed_grad)
+            reshard(model)  # the clean branch's backward gathers the restored shards
+        output.backward(clean_grad)
+        self.last_output = output.detach()
+        self.last_base_loss = base.detach()
+        self.last_divergence = None if divergence is None else divergence.detach()
+        return total.detach()
 
     def state_dict(self) -> Dict[str, Any]:
         """The generator state (the hyperparameters belong to the run's configuration)."""

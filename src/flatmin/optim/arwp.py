@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..perturb import filter_sq_sums_of, filter_view, is_filterwise
+from ..sharding import local, sharded_like
 from .base import BaseOptimizer, check_range
 from .rwp import RWP, Entry
 
@@ -40,7 +41,7 @@ class AdaptiveNoise:
         tracked = [i for i, (_, p) in enumerate(entries) if "F" in self.state[p]]  # F = 0 (no shrink) until then
         if not tracked:
             return scales
-        shrink = torch._foreach_mul([self.state[entries[i][1]]["F"] for i in tracked],
+        shrink = torch._foreach_mul([local(self.state[entries[i][1]]["F"]) for i in tracked],
                                     [entries[i][0]["eta"] for i in tracked])
         torch._foreach_add_(shrink, 1.0)
         torch._foreach_rsqrt_(shrink)
@@ -64,9 +65,10 @@ class AdaptiveNoise:
         """``F ← β · F + Σ g²`` (``F = 0`` before the first update, so the first sets ``F = Σ g²``)."""
         if inv_scale_sq != 1.0:
             torch._foreach_mul_([sums for _, sums, _ in pending], inv_scale_sq)
-        tracked = [(self.state[p]["F"], sums, beta) for p, sums, beta in pending if "F" in self.state[p]]
+        tracked = [(local(self.state[p]["F"]), sums, beta) for p, sums, beta in pending if "F" in self.state[p]]
         for p, sums, _ in pending:
-            self.state[p].setdefault("F", sums)
+            if "F" not in self.state[p]:
+                self.state[p]["F"] = sharded_like(sums, p)  # a sharded parameter's F is sharded like it
         if tracked:
             Fs = [F for F, _, _ in tracked]
             torch._foreach_mul_(Fs, [beta for _, _, beta in tracked])

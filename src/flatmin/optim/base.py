@@ -10,17 +10,24 @@ Non-finite gradients: if the gradient the update would use (or SAM's first gradi
 inf or NaN, the update is skipped: weights, base-optimizer state and ARWP statistics stay as they
 were, ``skipped_steps`` grows by one and a ``RuntimeWarning`` is issued. With a ``grad_scaler``
 this is the scaler's ordinary business (it lowers its scale), so no warning is issued.
+
+Gradients from outside: every gradient an update uses is computed inside ``step`` (at the weights
+the method needs), so ``step`` starts from an empty ``.grad``. A gradient that appeared in ``.grad``
+since the last step (a trainer that runs backward before ``optimizer.step()``, such as Lightning
+with ``accumulate_grad_batches > 1``) would be thrown away silently; ``step`` refuses it instead.
 """
 from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from ..perturb import owned_generator
+from ..sharding import is_sharded, local
 
 Closure = Callable[[], Any]
 BaseOptimizer = Callable[..., torch.optim.Optimizer]
@@ -110,6 +117,35 @@ class WrappedOptimizer(torch.optim.Optimizer):
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         # One list of group dicts for both objects: a scheduler or a user editing either sees the same.
         self.param_groups = self.base_optimizer.param_groups
+        self._grads_left: Optional[Dict[Tensor, Optional[weakref.ref]]] = None
+        self._remember_grads()
+        self.register_step_pre_hook(WrappedOptimizer._refuse_outside_grads)
+        self.register_step_post_hook(WrappedOptimizer._remember_grads)
+
+    def _remember_grads(self, *hook_args: Any) -> None:
+        """Note which ``.grad`` tensors are there now (weakly: ``zero_grad`` may free them)."""
+        self._grads_left = {
+            p: None if p.grad is None else weakref.ref(p.grad)
+            for group in self.param_groups for p in group["params"]
+        }
+
+    def _refuse_outside_grads(self, args: tuple, kwargs: Dict[str, Any]) -> None:
+        """Step pre-hook: raise if a ``.grad`` appeared since the last step ended (see the module doc).
+
+        After a step that raised, nothing is known about ``.grad`` and nothing is checked; without a
+        closure, ``step`` raises its own error.
+        """
+        left, self._grads_left = self._grads_left, None
+        closure = args[1] if len(args) > 1 else kwargs.get("closure")
+        if left is None or closure is None:
+            return
+        for p, ref in left.items():
+            if p.grad is not None and (ref is None or ref() is not p.grad):
+                raise RuntimeError(
+                    f"{type(self).__name__}.step(): .grad holds a gradient computed outside step() (for example "
+                    "by Lightning with accumulate_grad_batches > 1), which the update would throw away; compute "
+                    "every gradient inside the closure (accumulate micro-batches there) or call zero_grad() first"
+                )
 
     def _check_group(self, group: Dict[str, Any]) -> None:
         """Validate this method's hyperparameters in one parameter group (subclasses override)."""
@@ -138,9 +174,14 @@ class WrappedOptimizer(torch.optim.Optimizer):
                 p.grad = None
 
     def _all_finite(self, grads: Sequence[Tensor]) -> bool:
-        """Whether every gradient is finite: one fused check per device and one host sync."""
+        """Whether every gradient is finite: one fused check per device and one host sync (and, for
+        sharded gradients, one all-reduce, so that every process skips or steps together)."""
         by_device: Dict[torch.device, List[Tensor]] = {}
+        sharded = False
         for g in grads:
+            if is_sharded(g):
+                sharded = True
+                g = local(g)
             if g.is_sparse or not g.is_floating_point():
                 return bool(torch.isfinite(global_norm(grads)))
             by_device.setdefault(g.device, []).append(g)
@@ -152,6 +193,9 @@ class WrappedOptimizer(torch.optim.Optimizer):
             # Unscaling by exactly 1 changes nothing; the op's purpose here is its fused inf/NaN check.
             torch._amp_foreach_non_finite_check_and_unscale_(group, found_inf, self._ones[device])
             found.append(found_inf)
+        if sharded:
+            found = [torch.stack(found).amax().reshape(1)] if found else [torch.zeros(1)]
+            torch.distributed.all_reduce(found[0], op=torch.distributed.ReduceOp.MAX)
         return not any(bool(found_inf) for found_inf in found)
 
     def _observe(self, pending: Any, inv_scale_sq: float) -> None:
@@ -189,7 +233,11 @@ class WrappedOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _call(closure: Optional[Closure], what: str = "closure") -> Any:
         if closure is None:
-            raise ValueError(f"{what} is required: a function that runs forward and backward and returns the loss")
+            raise ValueError(
+                f"{what} is required: a function that runs forward and backward and returns the loss (a trainer "
+                "that calls optimizer.step() without one needs flatmin.integrations: FlatminTrainer for Hugging "
+                "Face, FlatminMixedPrecision for Lightning's 16-mixed)"
+            )
         with torch.enable_grad():
             return closure()
 
@@ -213,7 +261,8 @@ class WrappedOptimizer(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         self.base_optimizer.load_state_dict(base_state)
         self.param_groups = self.base_optimizer.param_groups
-        self.generator.set_state(generator_state)
+        # On the CPU whatever the generator's device (a framework may have moved the state dict to a GPU).
+        self.generator.set_state(generator_state.cpu())
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base={type(self.base_optimizer).__name__}, " + ", ".join(

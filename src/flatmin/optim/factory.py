@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Dict, Type, Union
+from typing import Any, Dict, Iterable, Optional, Type, Union
 
 import torch
 from torch import nn
@@ -41,7 +41,8 @@ def _method_keywords(cls: type) -> set:
 
 
 def create(
-    name: str, model: nn.Module, base: Union[str, Type[torch.optim.Optimizer]] = "sgd", **hparams: Any
+    name: str, model: nn.Module, base: Union[str, Type[torch.optim.Optimizer]] = "sgd",
+    params: Optional[Iterable[Any]] = None, **hparams: Any
 ) -> torch.optim.Optimizer:
     """The optimizer of method ``name`` for ``model``'s parameters.
 
@@ -49,7 +50,8 @@ def create(
     ``"adamw"``, ``"adam"`` or an optimizer class. ``hparams`` are the method's own (``sigma``,
     ``lam``, ``eta``, ``beta``, ``rho``, ``seed``, ...) and the base optimizer's (``lr``,
     ``momentum``, ``weight_decay``, ...). ``sgd`` returns the plain base optimizer (the name is the
-    method "no perturbation"; with ``base="adamw"`` it is plain AdamW).
+    method "no perturbation"; with ``base="adamw"`` it is plain AdamW). ``params`` are the tensors or
+    parameter groups to optimize (default: all of ``model``'s parameters).
     """
     key = name.lower() if isinstance(name, str) else name
     if key not in METHODS:
@@ -66,8 +68,9 @@ def create(
             f"method {key!r} takes no {', '.join(foreign)}; its own hyperparameters are: "
             f"{', '.join(sorted(allowed)) or 'none (only the base optimizer’s)'}"
         )
+    params = model.parameters() if params is None else params
     if cls is None:
-        return base(model.parameters(), **hparams)
+        return base(params, **hparams)
     if key == "asam":
         hparams.setdefault("adaptive", True)
-    return cls(model.parameters(), base, model=model, **hparams)
+    return cls(params, base, model=model, **hparams)

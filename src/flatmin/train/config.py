@@ -65,7 +65,7 @@ HPARAM_RANGES = {"sigma": (0.0, math.inf, True), "sigma_inc": (0.0, math.inf, Tr
 # The only settings a resumed run may change: where and how it runs, and how long. A sharded (fsdp)
 # run writes the checkpoint of an unsharded one, so either resumes as the other.
 RESUMABLE_CHANGES = ("epochs", "device", "out", "progress", "threads", "num_workers", "data_dir", "eval_batch_size",
-                     "flatness", "stop_after", "fsdp")
+                     "flatness", "stop_after", "log", "fsdp")
 # Settings of one invocation, not of the run: a resumed run does not inherit them from its checkpoint
 # (a run stopped with --stop-after continues to the end of its schedule unless it is given again).
 NOT_INHERITED = ("stop_after",)
@@ -113,6 +113,7 @@ class TrainConfig:
     threads: Optional[int] = field(default=None, metadata={"help": "CPU threads for torch (default: torch's)"})
     stop_after: Optional[int] = field(default=None, metadata={"help": "stop once this many epochs of the schedule are done (checkpointed); continue later with --resume"})
     flatness: int = field(default=0, metadata={"help": "batches of training data for the Hessian's top eigenvalue and trace in the summary (0: skip)"})
+    log: Optional[str] = field(default=None, metadata={"help": "also log to: tensorboard (event files in the output folder; needs flatmin[tensorboard])"})
     out: str = field(default="runs/train", metadata={"help": "output folder: metrics.jsonl, summary.json, checkpoint.pt"})
     progress: str = field(default="auto", metadata={"help": "auto (bar on a terminal, log lines otherwise), bar, log, none"})
 
@@ -137,6 +138,8 @@ class TrainConfig:
         choice("progress", self.progress, PROGRESS_MODES)
         if self.amp is not None:
             choice("amp", self.amp, ("bf16", "fp16"))
+        if self.log is not None:
+            choice("log", self.log, ("tensorboard",))
         for name in ("epochs", "batch_size", "eval_batch_size"):
             positive_int(name, getattr(self, name))
         if self.threads is not None:

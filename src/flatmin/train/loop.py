@@ -33,6 +33,7 @@ from ..optim.base import WrappedOptimizer
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import RESUMABLE_CHANGES, ConfigError, TrainConfig, check_device, output_folder
 from .progress import Progress
+from .tensorboard import TensorBoardLog
 
 Batch = Tuple[Tensor, Tensor]
 # What a checkpoint of a run holds (see Trainer._checkpoint), all needed to resume it.
@@ -194,6 +195,8 @@ class Trainer:
             self._restore(checkpoint, resume)
         # Built after the restore: it starts every rank from rank 0's weights, buffers and noise state.
         self.parallel_step = ParallelMixedStep(self.optimizer, self.model) if cfg.parallel else None
+        self.tensorboard = (TensorBoardLog(self.out, first_epoch=self.epoch + 1)
+                            if cfg.log == "tensorboard" and self.env.is_main else None)
 
     # ------------------------------------------------------------------ resume
     def _check_compatible(self, saved: Dict[str, Any], where: str) -> None:
@@ -352,11 +355,16 @@ class Trainer:
                 if metrics is not None:
                     metrics.write(json.dumps(row) + "\n")
                     metrics.flush()
+                if self.tensorboard is not None:
+                    self.tensorboard.epoch(row, lam=self.optimizer.param_groups[0].get("lam"),
+                                           skipped_steps=getattr(self.optimizer, "skipped_steps", 0))
                 self._checkpoint()
                 progress.end_epoch(row)
         finally:
             if metrics is not None:
                 metrics.close()
+            if self.tensorboard is not None:
+                self.tensorboard.close()
         summary = self._summary(time.perf_counter() - wall_start, start_epoch)
         if self.env.is_main:
             tmp = self.out / "summary.json.tmp"
