@@ -226,6 +226,16 @@ def test_one_process_fsdp_run_equals_the_plain_run_and_resumes_unsharded(tmp_pat
     assert_same_run(load_checkpoint(tmp_path / "cut"), plain_checkpoint, atol=1e-6)
 
 
+def test_one_process_fsdp_nrs_equals_the_plain_run(tmp_path):
+    # Sharded, NRS backpropagates its two branches itself (at w + ε in place, then at w); the plain
+    # run evaluates the neighbour functionally. Same loss, same noise: the same weights.
+    for fsdp in (False, True):
+        train(TrainConfig(**{**QUICK, "epochs": 1}, method="nrs", fsdp=fsdp, out=str(tmp_path / str(fsdp))))
+    sharded_run, plain = load_checkpoint(tmp_path / "True"), load_checkpoint(tmp_path / "False")
+    assert_same_run(sharded_run, plain, atol=1e-6)
+    assert torch.equal(sharded_run["nrs"]["generator"], plain["nrs"]["generator"])
+
+
 CLI_METHOD = "arwp"
 # An evaluation batch of 673 splits the 1347 training samples 2 batches : 1 between the ranks, so the
 # sharded evaluation must pad rank 1 with a forward (a deadlock otherwise).

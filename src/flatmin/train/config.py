@@ -152,6 +152,9 @@ class TrainConfig:
         if self.fsdp and self.parallel:
             raise ConfigError("--fsdp does not combine with --parallel: parallel m-(A)RWP keeps whole weights on "
                               "every worker; drop one of them (m-rwp/m-arwp also run sharded without --parallel)")
+        if self.fsdp and self.method == "nrs" and self.amp == "fp16":
+            raise ConfigError("--amp fp16 does not combine with --fsdp for method 'nrs' (it backpropagates a "
+                              "sharded model itself, without the loss scaler): use --amp bf16")
         if self.flatness < 0:
             raise ConfigError(f"flatness={self.flatness} is not allowed: it must be >= 0 (batches)")
         if self.num_workers < 0:
@@ -182,6 +185,9 @@ class TrainConfig:
         if "neighbour" in hp:
             choice("neighbour", hp["neighbour"], NEIGHBOURS)
             choice("divergence", hp["divergence"], DIVERGENCES)
+            if self.fsdp and hp["neighbour"] != "random":
+                raise ConfigError(f"neighbour={hp['neighbour']!r} does not combine with --fsdp: a sharded model "
+                                  "takes NRS's random neighbour only")
         check_device(self.device)
         return self
 

@@ -265,6 +265,11 @@ class Trainer:
     # ------------------------------------------------------------------ training
     def _closure(self, x: Tensor, y: Tensor) -> Callable[[], Tensor]:
         def closure() -> Tensor:
+            if self.nrs is not None and self.cfg.fsdp:
+                # A sharded model's neighbour runs on the shards shifted in place, each branch
+                # backpropagated at its own weights: NRS does its backward itself.
+                with self.amp():
+                    return self.nrs.backward(self.model, x, y, base_loss=self.criterion)
             with self.amp():
                 if self.nrs is not None:
                     loss = self.nrs(self.model, x, y, base_loss=self.criterion)
