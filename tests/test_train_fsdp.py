@@ -3,8 +3,8 @@ sizes, and ``flatmin train --fsdp`` under torchrun. (tests/test_fsdp.py: the met
 
 * API: workers (this file run as a script, on gloo) shard a conv + linear model whose dim 0 does not
   divide by the world size (biases sharded too), train with a flatmin optimizer on shards of the
-  same global batches, and write a full-state checkpoint on 4 processes; 2 processes resume from
-  it. They must end on the weights and optimizer state of the uninterrupted 4-process run and of
+  same global batches, and write a full-state checkpoint on 4 processes (one of them on a 2 x 2
+  HSDP mesh); 2 processes resume from it. They must end on the weights and optimizer state of the uninterrupted 4-process run and of
   the unsharded one-process run (float64, so "equal" means 1e-10, far below any real difference).
 * CLI: ``--fsdp`` on 2 processes writes summary.json, metrics.jsonl and checkpoint.pt with the keys
   and shapes of the DDP path (and here, for SGD, the DDP run's weights), evaluates through uneven
@@ -34,6 +34,8 @@ from workers import launch
 
 STEPS, CUT = 4, 2  # updates in all, and the one after which the checkpoint is written
 METHODS = ["sgd", "sam", "arwp", "m-arwp"]
+# Each writes its checkpoint on 4 processes (one written on a 2 x 2 HSDP mesh) and resumes on 2.
+CASES = [*METHODS, "m-arwp hsdp"]
 SGD = {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3}
 ARWP = {"sigma": 0.05, "eta": 5.0, "beta": 0.9}
 
@@ -79,38 +81,45 @@ def update(opt: torch.optim.Optimizer, model: nn.Module, t: int, rank: int = 0, 
 
 # ---------------------------------------------------------------- what the workers run
 
-def sharded(method: str):
+def sharded(case: str):
+    """The model and the optimizer of ``case`` (a method, with " hsdp": replicated over 2 groups of 2)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
     from flatmin.distributed.fsdp import process_group_mesh, shard_model
 
-    model = shard_model(make_model(), process_group_mesh(torch.device("cpu")))
-    return model, make_optimizer(method, model)
+    hsdp = case.endswith(" hsdp")
+    mesh = (init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard")) if hsdp
+            else process_group_mesh(torch.device("cpu")))
+    model = shard_model(make_model(), mesh)
+    return model, make_optimizer(case.split()[0], model)
 
 
 def full_weights(model: nn.Module):
     return [p.full_tensor().detach().clone() for p in model.parameters()]
 
 
-def write_and_continue(method: str, env, out: Path):
+def write_and_continue(case: str, env, out: Path):
     """Train to CUT, write a full-state checkpoint, train on to STEPS."""
     from flatmin.distributed.fsdp import full_model_state, full_optimizer_state
 
-    model, opt = sharded(method)
+    model, opt = sharded(case)
     for t in range(CUT):
         update(opt, model, t, env.rank, env.world_size)
     checkpoint = {"model": full_model_state(model), "optimizer": full_optimizer_state(opt)}
     if env.rank == 0:
-        torch.save(checkpoint, out / f"checkpoint-{method}.pt")
+        torch.save(checkpoint, out / f"checkpoint-{case}.pt")
     for t in range(CUT, STEPS):
         update(opt, model, t, env.rank, env.world_size)
     return {"params": full_weights(model), "state": full_optimizer_state(opt), "checkpoint": checkpoint}
 
 
-def resume(method: str, env, out: Path):
-    """Load the checkpoint another launch wrote (in the parent folder) and train on to STEPS."""
+def resume(case: str, env, out: Path):
+    """Load the checkpoint another launch wrote (in the parent folder) and train on to STEPS, on a
+    1-D mesh whatever mesh wrote it."""
     from flatmin.distributed.fsdp import full_optimizer_state, load_full_model_state, load_full_optimizer_state
 
-    model, opt = sharded(method)
-    checkpoint = torch.load(out.parent / f"checkpoint-{method}.pt", weights_only=True)
+    model, opt = sharded(case.split()[0])
+    checkpoint = torch.load(out.parent / f"checkpoint-{case}.pt", weights_only=True)
     load_full_model_state(model, checkpoint["model"])
     load_full_optimizer_state(opt, checkpoint["optimizer"])
     locals_ok = all(isinstance(s, torch.distributed.tensor.DTensor)
@@ -124,8 +133,8 @@ def resume(method: str, env, out: Path):
     return {"params": full_weights(model), "state": full_optimizer_state(opt), "sharded_state": locals_ok}
 
 
-SCENARIOS = {**{f"write {m}": functools.partial(write_and_continue, m) for m in METHODS},
-             **{f"resume {m}": functools.partial(resume, m) for m in METHODS}}
+SCENARIOS = {**{f"write {c}": functools.partial(write_and_continue, c) for c in CASES},
+             **{f"resume {c}": functools.partial(resume, c) for c in CASES}}
 
 
 def worker(out: Path, names) -> None:
@@ -142,9 +151,9 @@ def worker(out: Path, names) -> None:
 def four_then_two(tmp_path_factory):
     """Rank 0's results of the 4-process run that writes the checkpoints and of the 2-process resume."""
     out = tmp_path_factory.mktemp("fsdp_four")
-    written = launch(__file__, 4, [f"write {m}" for m in METHODS], out)[0]
+    written = launch(__file__, 4, [f"write {c}" for c in CASES], out)[0]
     (out / "resume").mkdir()
-    resumed = launch(__file__, 2, [f"resume {m}" for m in METHODS], out / "resume")[0]
+    resumed = launch(__file__, 2, [f"resume {c}" for c in CASES], out / "resume")[0]
     return written, resumed
 
 
@@ -162,23 +171,23 @@ def reference(method: str):
 
 # ---------------------------------------------------------------- the tests
 
-@pytest.mark.parametrize("method", METHODS)
-def test_resume_on_two_processes_from_four_ends_on_the_uninterrupted_weights(four_then_two, method):
+@pytest.mark.parametrize("case", CASES)
+def test_resume_on_two_processes_from_four_ends_on_the_uninterrupted_weights(four_then_two, case):
     written, resumed = four_then_two
-    written, resumed = written[f"write {method}"], resumed[f"resume {method}"]
+    written, resumed = written[f"write {case}"], resumed[f"resume {case}"]
     assert resumed["sharded_state"]  # the loaded state is sharded like the parameters, not whole
     assert_close(resumed["params"], written["params"], "params")
     assert_close(resumed["state"], written["state"])
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_sharded_runs_and_their_checkpoint_equal_the_unsharded_run(four_then_two, method):
+@pytest.mark.parametrize("case", CASES)
+def test_sharded_runs_and_their_checkpoint_equal_the_unsharded_run(four_then_two, case):
     # The checkpoint holds what an unsharded run's state_dict holds: same names, shapes and values.
-    ref = reference(method)
-    written = four_then_two[0][f"write {method}"]
+    ref = reference(case.split()[0])
+    written = four_then_two[0][f"write {case}"]
     assert_close(written["checkpoint"], ref["checkpoint"], "checkpoint")
     assert_close(written["params"], ref["params"], "params")
-    assert_close(four_then_two[1][f"resume {method}"]["state"], ref["state"])
+    assert_close(four_then_two[1][f"resume {case}"]["state"], ref["state"])
 
 
 def test_blocks_are_the_repeated_units():

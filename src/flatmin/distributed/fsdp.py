@@ -75,7 +75,9 @@ def shard_model(model: nn.Module, mesh: Optional[DeviceMesh] = None, blocks: Opt
     (sharded in place: its parameters are DTensors, ``Shard(0)`` on ``mesh``).
 
     Args:
-        mesh: the device mesh (1-D for FSDP, 2-D ``(replicate, shard)`` for HSDP); default all ranks.
+        mesh: the device mesh: 1-D for FSDP, 2-D for HSDP (``init_device_mesh(type, (replicas, shards),
+            mesh_dim_names=("replicate", "shard"))``, named, as the state-dict functions need); default
+            all ranks in one dimension.
         blocks: the submodules that get their own unit; default ``find_blocks(model)``.
         **fsdp_options: passed on to every ``fully_shard`` call (``reshard_after_forward``, ``mp_policy``).
 
