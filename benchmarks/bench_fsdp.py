@@ -43,6 +43,7 @@ from torch import Tensor, nn
 import flatmin
 from flatmin.distributed import free_port, init_distributed
 from flatmin.models import create_model
+from flatmin.sharding import local
 
 METHODS = ["sgd", "rwp", "arwp", "m-rwp", "m-arwp", "sam", "asam", "nrs"]
 BASE = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
@@ -83,7 +84,9 @@ def training_closure(method: str, model: nn.Module, batch: Tuple[Tensor, Tensor]
     nrs = flatmin.NRSLoss(seed=0) if method == "nrs" else None
 
     def closure() -> Tensor:
-        loss = nrs(model, x, y, base_loss=F.cross_entropy) if nrs else F.cross_entropy(model(x), y)
+        if nrs is not None:  # NRS backpropagates itself (a sharded model's in two passes)
+            return nrs.backward(model, x, y)
+        loss = F.cross_entropy(model(x), y)
         loss.backward()
         return loss.detach()
     return closure
@@ -136,10 +139,6 @@ def check_measurement() -> None:
     if abs(peak - 64 * 2**20) > 2**20:
         raise RuntimeError(f"memory check: measured a peak of {peak / MiB:.2f} MiB where 64 MiB were in use; "
                            f"is MALLOC_MMAP_THRESHOLD_ set (large blocks must go back to the system when freed)?")
-
-
-def local(t: Tensor) -> Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def measure(args: argparse.Namespace, rank: int, world: int) -> Dict[str, dict]:
