@@ -37,9 +37,7 @@ def _filter_dims(w: Tensor) -> Tuple[int, ...]:
 
 def filter_norms(w: Tensor) -> Tensor:
     """``s(W)`` broadcastable against ``W``: shape ``(out, 1, ..., 1)`` for ``ndim >= 2``, 0-d otherwise."""
-    if is_filterwise(w):
-        return torch.linalg.vector_norm(w, dim=_filter_dims(w), keepdim=True).clamp_min_(SCALE_FLOOR)
-    return torch.linalg.vector_norm(w).clamp_min_(SCALE_FLOOR)
+    return filter_scales([w])[0]
 
 
 def filter_scales(params: Sequence[Tensor]) -> List[Tensor]:

@@ -20,8 +20,9 @@ statistics are updated by the clean pass only; m-ARWP's ``F`` only from the pert
 """
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set
 
 import torch
 from torch import Tensor
@@ -52,6 +53,9 @@ class MRWP(RWP):
     ) -> None:
         check_range("lam", lam, 0.0, 1.0)
         method_defaults = {"lam": lam, **kwargs.pop("method_defaults", {})}
+        self._held: Optional[Dict[Tensor, Optional[Tensor]]] = None  # during a clean pass: the terms to fold into
+        self._folded: Set[Tensor] = set()
+        self._hooked: Set[Tensor] = set()
         super().__init__(params, base_optimizer, sigma=sigma, method_defaults=method_defaults, **kwargs)
 
     def _check_group(self, group: Dict[str, Any]) -> None:
@@ -67,6 +71,37 @@ class MRWP(RWP):
             if grads:
                 torch._foreach_mul_(grads, factor(group["lam"]))
 
+    def _fold(self, p: Tensor) -> None:
+        """Post-accumulate hook of every tensor: during a clean pass, add the gradient autograd just
+        accumulated into ``.grad`` to the held perturbed term, which becomes ``.grad``."""
+        held = self._held
+        if held is None or p not in held:
+            return
+        total = held[p]
+        if p.grad is total:  # a later backward of the same closure accumulated in place
+            return
+        if total is None:
+            held[p] = p.grad
+        else:
+            total.add_(p.grad)
+            p.grad = total
+        self._folded.add(p)
+
+    def _hook(self, params: List[Tensor]) -> None:
+        """Give every tensor the folding hook once. It holds the optimizer weakly and does nothing
+        outside a clean pass, so it costs nothing to keep between steps."""
+        owner = weakref.ref(self)
+
+        def fold(p: Tensor) -> None:
+            optimizer = owner()
+            if optimizer is not None:
+                optimizer._fold(p)
+
+        for p in params:
+            if p not in self._hooked:
+                p.register_post_accumulate_grad_hook(fold)
+                self._hooked.add(p)
+
     @contextmanager
     def _clean_pass(self) -> Iterator[None]:
         """Inside, ``.grad`` starts empty and every gradient autograd accumulates is folded into the
@@ -80,46 +115,34 @@ class MRWP(RWP):
         # pass's reduction overwrites: a group with λ = 1 keeps a copy of it.
         copy = getattr(self.model, "gradient_as_bucket_view", False)
         held: Dict[Tensor, Optional[Tensor]] = {}
-        dropped = set()
+        dropped: Dict[Tensor, Optional[Tensor]] = {}
         for group in self.param_groups:
+            if group["lam"] == 1:  # the clean gradient stays in its own fresh .grad and is dropped on exit
+                for p in group["params"]:
+                    if p.requires_grad:
+                        dropped[p] = p.grad.clone() if copy and p.grad is not None else p.grad
+                        p.grad = None
+                continue
             for p in group["params"]:
-                if not p.requires_grad:
-                    continue
-                if group["lam"] == 1:
-                    dropped.add(p)
-                    held[p] = p.grad.clone() if copy and p.grad is not None else p.grad
-                else:
+                if p.requires_grad:
                     held[p] = p.grad
-                p.grad = None
-
-        folded = set()
-
-        def fold(p: Tensor) -> None:
-            total = held[p]
-            if p.grad is total:  # a later backward of the same closure accumulated in place
-                return
-            if total is None:
-                held[p] = p.grad
-            else:
-                total.add_(p.grad)
-                p.grad = total
-            folded.add(p)
-
-        # The clean gradient of a λ = 1 group stays in its own fresh .grad and is dropped on exit.
-        hooks = [p.register_post_accumulate_grad_hook(fold) for p in held if p not in dropped]
+                    p.grad = None
+        self._hook(list(held))
+        self._held, self._folded = held, set()
         try:
             yield
         finally:
-            for hook in hooks:
-                hook.remove()
+            folded, self._held = self._folded, None
             for p, total in held.items():
-                if p in dropped or p.grad is None:
+                if p.grad is None:
                     p.grad = total
                 elif p not in folded and total is not None:
                     # .grad was set without autograd's accumulation (no hook ran): add the two here.
                     total.add_(p.grad)
                     p.grad = total
                 # A folded .grad stays: DDP with gradient_as_bucket_view may have moved it into a bucket.
+            for p, total in dropped.items():
+                p.grad = total
 
     @torch.no_grad()
     def step(  # type: ignore[override]
