@@ -14,7 +14,6 @@ import copy
 import functools
 import json
 import sys
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -23,14 +22,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import flatmin
-from flatmin.distributed import cleanup, init_distributed
 from flatmin.models import create_model
 from flatmin.optim.base import WrappedOptimizer
 from flatmin.train import TrainConfig, train
 from flatmin.train.checkpoint import load_checkpoint
 from test_distributed import assert_close, assert_identical, shard
 from test_train_distributed import torchrun
-from workers import launch
+from workers import launch, serve
 
 STEPS, CUT = 4, 2  # updates in all, and the one after which the checkpoint is written
 METHODS = ["sgd", "sam", "arwp", "m-arwp"]
@@ -135,16 +133,6 @@ def resume(case: str, env, out: Path):
 
 SCENARIOS = {**{f"write {c}": functools.partial(write_and_continue, c) for c in CASES},
              **{f"resume {c}": functools.partial(resume, c) for c in CASES}}
-
-
-def worker(out: Path, names) -> None:
-    torch.set_num_threads(1)
-    env = init_distributed("cpu", timeout=timedelta(seconds=60))
-    try:
-        torch.save({name: SCENARIOS[name](env, out) for name in names}, out / f"rank{env.rank}.pt")
-        torch.distributed.barrier()
-    finally:
-        cleanup()
 
 
 @pytest.fixture(scope="module")
@@ -300,4 +288,4 @@ def test_fsdp_cli_stop_and_resume_ends_on_the_uninterrupted_weights(fsdp_run, tm
 
 
 if __name__ == "__main__":
-    worker(Path(sys.argv[1]), sys.argv[2:])
+    serve(lambda env, names: {name: SCENARIOS[name](env, Path(sys.argv[1])) for name in names})
