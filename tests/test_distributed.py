@@ -21,21 +21,17 @@ references:
 Models and data are float64, so "equal" means to ~1e-10, far below any difference in the maths.
 """
 import math
-import sys
-from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import flatmin
-from flatmin.distributed import DistEnv, DistributedError, ParallelMixedStep, cleanup, init_distributed
-from workers import launch
+from flatmin.distributed import DistEnv, DistributedError, ParallelMixedStep, init_distributed
+from workers import launch, serve
 
 STEPS = 4
 HPARAMS = {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3}
@@ -145,18 +141,6 @@ SCENARIOS = {
 TWO_WORKERS = ["parallel m-rwp bn", "parallel m-arwp bn", "ddp sam", "ddp sam bucket view", "ddp rwp", "ddp m-arwp",
                "ddp m-rwp head λ=1 bucket view", "ddp m-arwp zeroing bucket view"]
 FOUR_WORKERS = ["parallel m-rwp", "parallel m-arwp"]
-
-
-def worker(out: Path, names) -> None:
-    """One worker (torchrun's variables set by ``launch``): run the scenarios, save what they left."""
-    torch.set_num_threads(1)
-    env = init_distributed("cpu", parallel=True, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-    try:
-        results = {name: SCENARIOS[name](env) for name in names}
-        torch.save(results, out / f"rank{env.rank}.pt")
-        dist.barrier()  # no rank tears the group down while a peer still uses it
-    finally:
-        cleanup()
 
 
 @pytest.fixture(scope="module")
@@ -381,4 +365,5 @@ def test_parallel_step_takes_only_mixed_methods():
 
 
 if __name__ == "__main__":
-    worker(Path(sys.argv[1]), sys.argv[2:])
+    serve(lambda env, names: {name: SCENARIOS[name](env) for name in names}, parallel=True,
+          timeout_s=COLLECTIVE_TIMEOUT_S)

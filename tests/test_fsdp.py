@@ -8,19 +8,13 @@ method with the same seed on the same global batches: the noise does not depend 
 processes, filter-wise scales and ARWP's statistics are right on every shard, SAM's norm is global.
 Models and data are float64, so equal means to ~1e-12; the bar asserted is 1e-9.
 """
-import sys
-from datetime import timedelta
-from pathlib import Path
-
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 import flatmin
-from flatmin.distributed import cleanup, init_distributed
-from workers import launch
+from workers import launch, serve
 
 STEPS = 3
 BATCH = 8
@@ -129,16 +123,10 @@ def sharded_bn_run(method: str, rank: int, world: int):
     return bn_step(method, model, bn_batches(rank, world))
 
 
-def worker(out: Path, names) -> None:
-    torch.set_num_threads(1)
-    env = init_distributed("cpu", timeout=timedelta(seconds=60))
-    try:
-        results = {name: sharded_run(name, env.rank, env.world_size) for name in names}
-        results["bn"] = {method: sharded_bn_run(method, env.rank, env.world_size) for method in ("m-arwp", "sam", "rwp")}
-        torch.save(results, out / f"rank{env.rank}.pt")
-        dist.barrier()
-    finally:
-        cleanup()
+def run_all(env, names):
+    results = {name: sharded_run(name, env.rank, env.world_size) for name in names}
+    results["bn"] = {method: sharded_bn_run(method, env.rank, env.world_size) for method in ("m-arwp", "sam", "rwp")}
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -187,4 +175,4 @@ def test_running_statistics_follow_the_method_on_every_shard(method, two):
 
 
 if __name__ == "__main__":
-    worker(Path(sys.argv[1]), sys.argv[2:])
+    serve(run_all)

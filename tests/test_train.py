@@ -8,7 +8,7 @@ import torch
 
 from flatmin.cli import main
 from flatmin.train import TrainConfig, Trainer, compare, train
-from flatmin.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from flatmin.train.checkpoint import load_checkpoint, save_checkpoint
 
 QUICK = dict(data="digits", model="mlp", epochs=3, batch_size=128, progress="none")
 

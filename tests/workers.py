@@ -8,13 +8,15 @@ import os
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
-from typing import List, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import pytest
 import torch
+import torch.distributed as dist
 
-from flatmin.distributed import free_port
+from flatmin.distributed import DistEnv, cleanup, free_port, init_distributed
 
 LAUNCH_TIMEOUT_S = 120  # the whole group of workers, startup included
 
@@ -45,3 +47,16 @@ def launch(script: str, world: int, names: Sequence[str], out: Path, timeout: fl
         logs = "\n".join((out / f"rank{rank}.log").read_text()[-3000:] for rank in failed)
         pytest.fail(f"workers {failed} failed:\n{logs}")
     return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
+
+
+def serve(run: Callable[[DistEnv, List[str]], Dict], parallel: bool = False, timeout_s: float = 60) -> None:
+    """The body of a worker process (its command line: the output folder, then scenario names): join
+    the group, ``run(env, names)``, save the result as ``rank{R}.pt`` and leave together."""
+    out, names = Path(sys.argv[1]), sys.argv[2:]
+    torch.set_num_threads(1)
+    env = init_distributed("cpu", parallel=parallel, timeout=timedelta(seconds=timeout_s))
+    try:
+        torch.save(run(env, names), out / f"rank{env.rank}.pt")
+        dist.barrier()  # no rank tears the group down while a peer still uses it
+    finally:
+        cleanup()

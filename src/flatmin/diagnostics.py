@@ -11,9 +11,10 @@ alive (weak references, checked before each op). Work done inside a closure wrap
         opt.step(tracker.closure(closure))
     tracker.own_ops, tracker.peak_bytes, tracker.own_peak_bytes
 
-It sees what passes through the dispatcher, backward included; it cannot see memory an op
-allocates internally and frees before returning, nor memory made without an op (a generator's
-state). Tensors created before the block do not count.
+It sees what passes through the dispatcher, backward included (for a sharded model, the ops on
+the local shards); it cannot see memory an op allocates internally and frees before returning, nor
+memory made without an op (a generator's state), nor what a collective allocates inside the
+process group. Tensors created before the block do not count.
 """
 from __future__ import annotations
 
@@ -22,8 +23,14 @@ from collections import Counter
 from typing import Any, Callable, Dict, List, Tuple
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
+
+
+def _has_storage(t: Any) -> bool:
+    """A tensor with memory of its own: not a meta tensor, nor a wrapper such as a DTensor (whose
+    local shards pass through the dispatcher themselves)."""
+    return isinstance(t, torch.Tensor) and t.device.type != "meta" and not is_traceable_wrapper_subclass(t)
 
 
 class StepTracker(TorchDispatchMode):
@@ -81,10 +88,9 @@ class StepTracker(TorchDispatchMode):
             self.closure_ops += 1
         out = func(*args, **(kwargs or {}))
         # In-place ops and views return tensors on their inputs' storage: no new memory.
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
-                  if isinstance(t, torch.Tensor) and t.device.type != "meta"}
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if _has_storage(t)}
         for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            if not _has_storage(t):
                 continue
             storage = t.untyped_storage()
             ptr = storage.data_ptr()

@@ -198,12 +198,17 @@ class NoiseLayout:
        mixes redrawn and kept tensors.
 
     With ``budget`` at least the largest tensor, the noise in memory at any moment is one draw of
-    at most ``budget`` bytes, and a handful of draws replace one per tensor.
+    at most ``budget`` bytes, and a handful of draws replace one per tensor. For tensors sharded
+    along dim 0 every process draws the noise of the whole tensors and uses its own rows; nothing
+    is kept there, so the noise in memory stays one draw of unsharded noise.
     """
 
     def __init__(self, params: Sequence[Tensor], budget: int) -> None:
         nbytes = [p.numel() * p.element_size() for p in params]
-        kept, room = set(), budget
+        self.sharded = any(is_sharded(p) for p in params)
+        # A sharded tensor's noise is a slice of the whole tensor's draw: keeping the slice would
+        # hold it beside the next draw, so sharded models draw everything again instead.
+        kept, room = set(), 0 if self.sharded else budget
         for i in sorted(range(len(params)), key=lambda i: -nbytes[i]):
             if nbytes[i] <= room:
                 kept.add(i)
@@ -220,9 +225,8 @@ class NoiseLayout:
             else:
                 self.draws.append((i in kept, [i]))
         self.redrawn = sum(1 for is_kept, _ in self.draws if not is_kept)  # the first ``redrawn`` draws
-        # Sharded tensors draw the noise of the whole tensor and keep their own range of it.
+        # Sharded tensors draw the noise of the whole tensor and use their own range of it.
         self.ranges = [local_range(p) for p in params]
-        self.sharded = any(is_sharded(p) for p in params)
 
     def draw(self, k: int, params: Sequence[Tensor], generator: torch.Generator) -> List[Tensor]:
         """Draw ``k``: ``z ~ N(0, I)`` for each of its tensors (their local part), views of one flat draw."""
@@ -298,8 +302,7 @@ def gaussian_shift(
                 torch._foreach_add_([targets[i] for i in indices], delta)
                 applied = k + 1
                 if is_kept and not exact:
-                    # A sharded tensor's noise is a slice of the whole tensor's draw: keep the slice only.
-                    kept.append((indices, [d.clone() for d in delta] if layout.sharded else delta))
+                    kept.append((indices, delta))
                 del delta
         yield
     finally:

@@ -205,9 +205,9 @@ class NRSLoss:
             tensors = [p.detach() for _, p in params]
             for w, scale in zip(tensors, filter_scales(tensors)):
                 z = gaussian_draw(w.shape, self.generator, local(w))
-                if is_sharded(w):
+                if is_sharded(w):  # a copy of this process's rows: the whole draw is freed
                     start, stop = local_range(w)
-                    z = z.flatten()[start:stop].view(local(w).shape)
+                    z = z.flatten()[start:stop].view(local(w).shape).clone()
                 out.append(z.mul_(scale.mul_(self.sigma)))
         return out
 

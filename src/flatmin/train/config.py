@@ -64,9 +64,10 @@ PROGRESS_MODES = ("auto", "bar", "log", "none")
 HPARAM_RANGES = {"sigma": (0.0, math.inf, True), "sigma_inc": (0.0, math.inf, True), "lam": (0.0, 1.0, False),
                  "eta": (0.0, math.inf, True), "beta": (0.0, 1.0, True), "rho": (0.0, math.inf, True),
                  "alpha": (0.0, math.inf, True)}
-# The only settings a resumed run may change: where and how it runs, and how long.
+# The only settings a resumed run may change: where and how it runs, and how long. A sharded (fsdp)
+# run writes the checkpoint of an unsharded one, so either resumes as the other.
 RESUMABLE_CHANGES = ("epochs", "device", "out", "progress", "threads", "num_workers", "data_dir", "eval_batch_size",
-                     "flatness", "stop_after", "log")
+                     "flatness", "stop_after", "log", "fsdp")
 # Settings of one invocation, not of the run: a resumed run does not inherit them from its checkpoint
 # (a run stopped with --stop-after continues to the end of its schedule unless it is given again).
 NOT_INHERITED = ("stop_after",)
@@ -107,6 +108,8 @@ class TrainConfig:
     neighbour: Optional[str] = field(default=None, metadata={"help": "NRS neighbour: " + ", ".join(NEIGHBOURS)})
     divergence: Optional[str] = field(default=None, metadata={"help": "NRS divergence: " + ", ".join(DIVERGENCES)})
     parallel: bool = field(default=False, metadata={"help": "m-rwp/m-arwp under torchrun: clean and perturbed terms on different workers at once (an even number of workers)"})
+    fsdp: bool = field(default=False, metadata={"help": "shard the model with FSDP2 (fully_shard per block, then "
+                                                        "the root) over the torchrun workers, or in one process"})
     same_batch: bool = field(default=False, metadata={"help": "mixed methods: use one batch for both terms instead of two"})
     seed: int = field(default=0, metadata={"help": "seed of initialisation, data order, augmentation and noise"})
     val_fraction: float = field(default=0.0, metadata={"help": "hold out this fraction of TRAIN as a validation split"})
@@ -154,6 +157,12 @@ class TrainConfig:
         if self.parallel and self.method not in ("m-rwp", "m-arwp"):
             raise ConfigError(f"--parallel is for the mixed methods m-rwp and m-arwp, not {self.method!r} "
                               "(every other method runs data-parallel under torchrun without it)")
+        if self.fsdp and self.parallel:
+            raise ConfigError("--fsdp does not combine with --parallel: parallel m-(A)RWP keeps whole weights on "
+                              "every worker; drop one of them (m-rwp/m-arwp also run sharded without --parallel)")
+        if self.fsdp and self.method == "nrs" and self.amp == "fp16":
+            raise ConfigError("--amp fp16 does not combine with --fsdp for method 'nrs' (it backpropagates a "
+                              "sharded model itself, without the loss scaler): use --amp bf16")
         if self.flatness < 0:
             raise ConfigError(f"flatness={self.flatness} is not allowed: it must be >= 0 (batches)")
         if self.num_workers < 0:
@@ -184,6 +193,9 @@ class TrainConfig:
         if "neighbour" in hp:
             choice("neighbour", hp["neighbour"], NEIGHBOURS)
             choice("divergence", hp["divergence"], DIVERGENCES)
+            if self.fsdp and hp["neighbour"] != "random":
+                raise ConfigError(f"neighbour={hp['neighbour']!r} does not combine with --fsdp: a sharded model "
+                                  "takes NRS's random neighbour only")
         check_device(self.device)
         return self
 

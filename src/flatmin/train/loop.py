@@ -75,9 +75,21 @@ def budget_updates(budget: str, epochs: int, sgd_updates_per_epoch: int, updates
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Any, amp: Callable[[], Any], distributed: bool = False) -> Tuple[float, float]:
+def evaluate(model: nn.Module, loader: Any, amp: Callable[[], Any], distributed: bool = False,
+             filler: Optional[Tensor] = None) -> Tuple[float, float]:
     """Mean cross-entropy and accuracy of ``model`` in eval mode over ``loader``; with
-    ``distributed``, over the union of every rank's loader (each rank holds its own shard)."""
+    ``distributed``, over the union of every rank's loader (each rank holds its own shard).
+
+    A sharded (FSDP) model's forward is a collective, so every rank must run as many as the others:
+    with ``filler`` (an input batch), a rank with fewer batches than the most runs ``filler`` through
+    the model for each one it lacks and drops the output.
+    """
+    device = next(model.parameters()).device
+    lacking = 0
+    if distributed and filler is not None:
+        most = torch.tensor(len(loader), device=device)
+        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+        lacking = int(most) - len(loader)
     was_training = model.training
     model.eval()
     total_loss = torch.zeros((), dtype=torch.float64)
@@ -90,10 +102,12 @@ def evaluate(model: nn.Module, loader: Any, amp: Callable[[], Any], distributed:
             total_loss += F.cross_entropy(out.float(), y, reduction="sum").double().cpu()
             correct += (out.argmax(1) == y).sum().cpu()
             count += len(y)
+        for _ in range(lacking):
+            with amp():
+                model(filler)
     finally:
         model.train(was_training)
     if distributed:
-        device = next(model.parameters()).device
         totals = torch.tensor([float(total_loss), float(correct), float(count)], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(totals)
         total_loss, correct, count = totals.tolist()
@@ -142,9 +156,16 @@ class Trainer:
         self.model = create_model(cfg.model, self.dataset.num_classes, self.dataset.input_shape).to(self.device)
         # Data parallelism with DDP for every method but parallel m-(A)RWP, which does its own
         # communication, and NRS, whose two forwards per backward do not fit DDP (averaged by hand).
+        # A sharded model (FSDP) reduce-scatters its gradients itself, NRS's included.
         self.net: nn.Module = self.model
-        self.manual_sync = self.distributed and cfg.method == "nrs"
-        if self.distributed and not cfg.parallel and not self.manual_sync:
+        self.manual_sync = self.distributed and cfg.method == "nrs" and not cfg.fsdp
+        self.filler: Optional[Tensor] = None
+        if cfg.fsdp:
+            from ..distributed import fsdp  # here: it loads torch's DTensor machinery, which takes a second
+
+            fsdp.shard_model(self.model, fsdp.process_group_mesh(self.device))
+            self.filler = torch.zeros(1, *self.dataset.input_shape, device=self.device)
+        elif self.distributed and not cfg.parallel and not self.manual_sync:
             self.net = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
         self.amp = _amp_context(cfg, self.device)
@@ -218,8 +239,14 @@ class Trainer:
 
     def _restore(self, ckpt: Dict[str, Any], where: str) -> None:
         try:
-            self.model.load_state_dict(ckpt["model"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+            if self.cfg.fsdp:  # the full tensors, read by every rank, sliced like the parameters here
+                from ..distributed import fsdp
+
+                fsdp.load_full_model_state(self.model, ckpt["model"])
+                fsdp.load_full_optimizer_state(self.optimizer, ckpt["optimizer"])
+            else:
+                self.model.load_state_dict(ckpt["model"])
+                self.optimizer.load_state_dict(ckpt["optimizer"])
             self.lr_schedule.load_state_dict(ckpt["lr_schedule"])
             if self.sigma_schedule is not None:
                 self.sigma_schedule.load_state_dict(ckpt["sigma_schedule"])
@@ -243,6 +270,12 @@ class Trainer:
                     handle.write(json.dumps(row) + "\n")
 
     def _checkpoint(self) -> None:
+        if self.cfg.fsdp:  # gathering the shards is a collective: every rank takes part, rank 0 keeps them
+            from ..distributed import fsdp
+
+            model, optimizer = fsdp.full_model_state(self.model), fsdp.full_optimizer_state(self.optimizer)
+        elif self.env.is_main:
+            model, optimizer = self.model.state_dict(), self.optimizer.state_dict()
         if not self.env.is_main:
             return
         rng = {"torch": torch.get_rng_state(),
@@ -252,8 +285,8 @@ class Trainer:
             "epoch": self.epoch,
             "train_time": self.train_time,
             "history": self.history,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model,
+            "optimizer": optimizer,
             "lr_schedule": self.lr_schedule.state_dict(),
             "sigma_schedule": self.sigma_schedule.state_dict() if self.sigma_schedule else None,
             "scaler": self.scaler.state_dict() if self.scaler else None,
@@ -264,6 +297,11 @@ class Trainer:
     # ------------------------------------------------------------------ training
     def _closure(self, x: Tensor, y: Tensor) -> Callable[[], Tensor]:
         def closure() -> Tensor:
+            if self.nrs is not None and self.cfg.fsdp:
+                # A sharded model's neighbour runs on the shards shifted in place, each branch
+                # backpropagated at its own weights: NRS does its backward itself.
+                with self.amp():
+                    return self.nrs.backward(self.model, x, y, base_loss=self.criterion)
             with self.amp():
                 if self.nrs is not None:
                     loss = self.nrs(self.model, x, y, base_loss=self.criterion)
@@ -314,6 +352,8 @@ class Trainer:
         start = time.perf_counter()
         for batches in itertools.islice(self._batches(), todo):
             loss = self._update(batches)
+            if self.cfg.fsdp and self.distributed:
+                broadcast_buffers(self.model)  # rank 0's running statistics on every rank, as DDP keeps them
             if self.scaler is not None:
                 self.scaler.update()  # the scale of the next update: lowered after an inf, raised in time
             self.lr_schedule.step()
@@ -352,7 +392,7 @@ class Trainer:
                     if split == "train":
                         continue
                     row[f"{split}_loss"], row[f"{split}_acc"] = evaluate(self.model, loader, self.amp,
-                                                                          self.distributed)
+                                                                          self.distributed, self.filler)
                 self.history.append(row)
                 if metrics is not None:
                     metrics.write(json.dumps(row) + "\n")
@@ -396,19 +436,22 @@ class Trainer:
             "wall_time_s": wall_time,
         }
         for split, loader in self.eval_loaders.items():
-            result[f"{split}_loss"], result[f"{split}_acc"] = evaluate(self.model, loader, self.amp, self.distributed)
+            result[f"{split}_loss"], result[f"{split}_acc"] = evaluate(self.model, loader, self.amp, self.distributed,
+                                                                      self.filler)
         result["workers"] = self.env.world_size
         if "train_acc" in result and "test_acc" in result:
             result["gap"] = result["train_acc"] - result["test_acc"]
         if self.wrapped:
             result["skipped_steps"] = self.optimizer.skipped_steps
+        # The Hessian of a sharded model is taken on rank 0 from an unsharded copy (gathered by all ranks).
+        model = self._unsharded_model() if cfg.flatness and cfg.fsdp else self.model
         if cfg.flatness and self.env.is_main:
             batches = list(itertools.islice(iter(self.eval_loaders["train" if "train" in self.eval_loaders else "test"]),
                                             cfg.flatness))
             loss = nn.CrossEntropyLoss()
-            result["hessian_top"] = hessian_eigenvalues(self.model, loss, batches, k=1, iters=30, tol=1e-3,
+            result["hessian_top"] = hessian_eigenvalues(model, loss, batches, k=1, iters=30, tol=1e-3,
                                                         seed=cfg.seed)[0]
-            result["hessian_trace"], result["hessian_trace_se"] = hessian_trace(self.model, loss, batches,
+            result["hessian_trace"], result["hessian_trace_se"] = hessian_trace(model, loss, batches,
                                                                                 probes=30, seed=cfg.seed)
         if self.device.type == "cuda":
             result["peak_memory_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
@@ -416,6 +459,19 @@ class Trainer:
             result["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS, KiB
         result["history"] = self.history
         return result
+
+    def _unsharded_model(self) -> Optional[nn.Module]:
+        """On rank 0, a plain copy of the sharded model with its gathered weights (one full copy on
+        the training device); ``None`` on the other ranks. Every rank must call it."""
+        from ..distributed import fsdp
+
+        state = fsdp.full_model_state(self.model)
+        if not self.env.is_main:
+            return None
+        with torch.device("meta"):  # no initialisation to compute, no draw from the global generator
+            model = create_model(self.cfg.model, self.dataset.num_classes, self.dataset.input_shape)
+        model.to_empty(device=self.device).load_state_dict(state)
+        return model.train(self.model.training)
 
 
 def load_trained(checkpoint: str, device: str = "cpu") -> Tuple[TrainConfig, nn.Module, Any]:
