@@ -30,6 +30,7 @@ processes competed for the cores.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -204,18 +205,21 @@ def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict:
           f"{largest / MiB:.2f} MiB, batch {args.batch_size}; {warmup} warm-up + {rounds} rounds x {inner} "
           f"update(s)", flush=True)
     start = time.perf_counter()
-    timed = interleaved({m: make_step(m, model, training_closures(model, batches)) for m in METHODS},
+    # One copy of the model per method: a method's step must not find another's gradient in .grad.
+    models = {m: copy.deepcopy(model) for m in METHODS}
+    timed = interleaved({m: make_step(m, models[m], training_closures(models[m], batches)) for m in METHODS},
                         warmup, rounds, inner, device)
-    own = interleaved({m: make_step(m, model, stored_gradient_closures(model)) for m in METHODS},
+    models = {m: copy.deepcopy(model) for m in METHODS}
+    own = interleaved({m: make_step(m, models[m], stored_gradient_closures(models[m])) for m in METHODS},
                       warmup, rounds, inner, device)
     rows: Dict[str, dict] = {}
     for m in METHODS:
-        ops, peak, own_peak = own_ops_and_memory(m, model, batches)
+        ops, peak, own_peak = own_ops_and_memory(m, copy.deepcopy(model), batches)
         row = dict(ms=1e3 * statistics.median(timed[m]), ratio=paired_ratio(timed, m),
                    own_us=1e6 * statistics.median(a - b for a, b in zip(own[m], own["sgd"])), own_ops=ops,
                    peak_bytes=peak, own_peak_bytes=own_peak)
         if device.type == "cuda":
-            row["peak_bytes"], row["kernels"] = cuda_peak_and_kernels(m, model, batches, device)
+            row["peak_bytes"], row["kernels"] = cuda_peak_and_kernels(m, copy.deepcopy(model), batches, device)
         rows[m] = row
     for m in METHODS:
         rows[m]["extra_mib"] = (rows[m]["peak_bytes"] - rows["sgd"]["peak_bytes"]) / MiB
