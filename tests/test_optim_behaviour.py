@@ -525,59 +525,61 @@ def test_a_closure_that_zeroes_gradients_gives_the_same_update(name, how):
     torch.testing.assert_close(s_zero["state"], s_plain["state"], rtol=0, atol=0)
 
 
+def mixed_run(build, backward, steps=3):
+    """The weights after ``steps`` mixed updates of ``build(model)`` on the usual batches, with
+    closures whose backward is ``backward(model, opt, loss)``."""
+    model = make_model()
+    opt = build(model)
+
+    def closure_for(x, y):
+        def closure():
+            loss = F.cross_entropy(model(x), y)
+            backward(model, opt, loss)
+            return loss
+        return closure
+
+    for b1, b2 in zip(batches(steps, seed=1), batches(steps, seed=2)):
+        opt.step(closure_for(*b1), closure_for(*b2))
+    return weights(model)
+
+
+def plain_backward(model, opt, loss):
+    loss.backward()
+
+
+def assigned_backward(model, opt, loss):
+    params = list(model.parameters())
+    for p, g in zip(params, torch.autograd.grad(loss, params)):
+        p.grad = g
+
+
+def zeroing_backward(model, opt, loss):
+    opt.zero_grad()
+    loss.backward()
+
+
 @pytest.mark.parametrize("name", ["m-rwp", "m-arwp"])
 def test_mixed_update_when_the_closure_assigns_grad_itself(name):
     # Some frameworks (sharded data parallelism, hand-written loops) set .grad without autograd's
     # accumulation, so no accumulation hook runs: the perturbed term must still be added.
-    results = []
-    for assign in (False, True):
-        model = make_model()
-        opt = make(name, model, lam=0.3)
+    def build(model):
+        return make(name, model, lam=0.3)
 
-        def closure_for(x, y):
-            def closure():
-                loss = F.cross_entropy(model(x), y)
-                if assign:
-                    params = [p for p in model.parameters()]
-                    for p, g in zip(params, torch.autograd.grad(loss, params)):
-                        p.grad = g
-                else:
-                    loss.backward()
-                return loss
-            return closure
-
-        for b1, b2 in zip(batches(3, seed=1), batches(3, seed=2)):
-            opt.step(closure_for(*b1), closure_for(*b2))
-        results.append(weights(model))
-    for a, b in zip(*results):
+    for a, b in zip(mixed_run(build, plain_backward), mixed_run(build, assigned_backward)):
         assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("name", ["m-rwp", "m-arwp"])
 def test_mixed_update_with_a_lam_one_group_and_a_zeroing_closure(name):
     # A group with λ = 1 drops its clean gradient; a zeroing closure must not change that either.
-    results = []
-    for zeroing in (False, True):
-        model = make_model()
+    def build(model):
         head = list(model[3].parameters())
         body = [p for p in model.parameters() if all(p is not h for h in head)]
         cls = flatmin.MARWP if name == "m-arwp" else flatmin.MRWP
-        opt = cls([{"params": body}, {"params": head, "lam": 1.0}], torch.optim.SGD, model=model, seed=0,
-                  lam=0.4, **HP)
+        return cls([{"params": body}, {"params": head, "lam": 1.0}], torch.optim.SGD, model=model, seed=0,
+                   lam=0.4, **HP)
 
-        def closure_for(x, y):
-            def closure():
-                if zeroing:
-                    opt.zero_grad()
-                loss = F.cross_entropy(model(x), y)
-                loss.backward()
-                return loss
-            return closure
-
-        for b1, b2 in zip(batches(2, seed=1), batches(2, seed=2)):
-            opt.step(closure_for(*b1), closure_for(*b2))
-        results.append(weights(model))
-    for a, b in zip(*results):
+    for a, b in zip(mixed_run(build, plain_backward, steps=2), mixed_run(build, zeroing_backward, steps=2)):
         assert torch.equal(a, b)
 
 
