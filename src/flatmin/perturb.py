@@ -292,7 +292,7 @@ def gaussian_shift(
     """
     targets = [local(p) for p in params] if layout.sharded else list(params)
     snapshot = [t.detach().clone() for t in targets] if exact else None
-    start = generator.get_state() if layout.redrawn else None
+    start = generator.get_state() if layout.redrawn and not exact else None  # where the redraw begins
     kept: List[Tuple[List[int], List[Tensor]]] = []
     applied = 0
     try:
