@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from flatmin.perturb import filter_norms, gaussian_draw
+from flatmin.filters import filter_norms
+from flatmin.perturb import gaussian_draw
 from flatmin.analysis import (
     analyze,
     filter_normalized_direction,

@@ -365,6 +365,108 @@ def test_load_state_dict_rejects_a_plain_optimizer_state():
         flatmin.RWP(model.parameters(), torch.optim.SGD, lr=0.1).load_state_dict(plain)
 
 
+@pytest.mark.parametrize("name", ["arwp", "m-arwp"])
+def test_loading_a_state_into_a_running_optimizer_replaces_its_statistics(name):
+    """ARWP keeps F in one buffer that state["F"] views: a state loaded mid-run must replace it, so
+    that the next updates equal those of a fresh optimizer given the same state."""
+    data = batches(10, seed=5)
+    pairs = list(zip(data[0::2], data[1::2]))
+    model_a = make_model()
+    opt_a = make(name, model_a)
+    for b1, b2 in pairs[:2]:
+        run_step(opt_a, model_a, b1, b2)
+    saved_model, saved_opt = copy.deepcopy(model_a.state_dict()), copy.deepcopy(opt_a.state_dict())
+    for b1, b2 in pairs[2:4]:  # F moves on
+        run_step(opt_a, model_a, b1, b2)
+    # torch's load_state_dict keeps the given tensors: each optimizer gets its own copy
+    model_a.load_state_dict(saved_model)
+    opt_a.load_state_dict(copy.deepcopy(saved_opt))
+    model_b = make_model(seed=7)
+    opt_b = make(name, model_b)
+    model_b.load_state_dict(saved_model)
+    opt_b.load_state_dict(copy.deepcopy(saved_opt))
+    for b1, b2 in pairs[2:]:
+        run_step(opt_a, model_a, b1, b2)
+        run_step(opt_b, model_b, b1, b2)
+    for p, q in zip(model_a.parameters(), model_b.parameters()):
+        assert torch.equal(p, q)
+        assert torch.equal(opt_a.state[p]["F"], opt_b.state[q]["F"])
+
+
+@pytest.mark.parametrize("name", PERTURBING)
+def test_step_hooks_run_once_per_update(name):
+    """Global and per-optimizer step hooks run once per update, around it, as torch.optim's do;
+    the base optimizer's step is part of the update, not a second one, unless hooks were put on it."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    model = make_model()
+    opt = make(name, model)
+    calls = []
+    handles = [
+        register_optimizer_step_pre_hook(lambda o, a, k: calls.append(("global pre", type(o).__name__))),
+        register_optimizer_step_post_hook(lambda o, a, k: calls.append(("global post", type(o).__name__))),
+        opt.register_step_pre_hook(lambda o, a, k: calls.append(("pre", a[0] is opt))),
+        opt.register_step_post_hook(lambda o, a, k: calls.append(("post", a[0] is opt))),
+    ]
+    try:
+        b1, b2 = batches(2)
+        run_step(opt, model, b1, b2)
+        owner = type(opt).__name__
+        assert calls[:2] == [("global pre", owner), ("pre", True)]
+        assert calls[-2:] == [("post", True), ("global post", owner)]
+        assert len(calls) == 4
+        base_calls = []
+        opt.base_optimizer.register_step_post_hook(lambda o, a, k: base_calls.append(type(o).__name__))
+        calls.clear()
+        run_step(opt, model, b1, b2)
+        assert base_calls == ["SGD"]  # hooks on the base optimizer itself still run
+        assert ("global post", "SGD") in calls
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def test_a_pre_hook_may_replace_the_closure():
+    model = make_model()
+    opt = make("rwp", model)
+    (b1,) = batches(1)
+    seen = []
+
+    def replace(o, args, kwargs):
+        def closure():
+            seen.append(True)
+            return closure_on(model, *b1)()
+        return (args[0], closure), kwargs
+
+    opt.register_step_pre_hook(replace)
+    opt.step(lambda: pytest.fail("the hook's closure should run instead"))
+    assert seen == [True]
+
+
+def test_the_profiler_sees_the_step_by_name_and_nothing_labels_it_otherwise():
+    from torch.profiler import ProfilerActivity, profile
+
+    model = make_model()
+    opt = make("arwp", model)
+    (b1,) = batches(1)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        opt.step(closure_on(model, *b1))
+    names = [event.name for event in prof.events()]
+    assert names.count("Optimizer.step#ARWP.step") == 1
+
+
+def test_lr_scheduler_on_the_base_optimizer_sees_its_steps():
+    model = make_model()
+    opt = flatmin.RWP(model.parameters(), torch.optim.SGD, lr=0.1, seed=0)
+    sched = torch.optim.lr_scheduler.StepLR(opt.base_optimizer, step_size=1, gamma=0.5)
+    (b1,) = batches(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "lr_scheduler.step() before optimizer.step()" would be an error
+        opt.step(closure_on(model, *b1))
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
 def test_lr_scheduler_on_the_wrapper_reaches_the_base_optimizer():
     model = make_model()
     opt = flatmin.RWP(model.parameters(), torch.optim.SGD, lr=0.1, seed=0)

@@ -269,13 +269,28 @@ def make_model(kind, dtype, seed=0):
     return small_convnet(dtype, seed) if kind == "conv" else small_mlp(dtype, seed)
 
 
+# Per parameter of small_convnet (conv weight, conv bias, linear weight, linear bias): its group.
+GROUPINGS = {
+    "one": [{"sigma": 0.05, "eta": 200.0, "beta": 0.9}] * 4,
+    # every hyperparameter differs between the two groups
+    "two": [{"sigma": 0.05, "eta": 200.0, "beta": 0.9}, {"sigma": 0.02, "eta": 50.0, "beta": 0.5}] * 2,
+    # the biases are not perturbed, but their F is kept all the same
+    "unperturbed": [{"sigma": 0.05, "eta": 200.0, "beta": 0.9}, {"sigma": 0.0, "eta": 100.0, "beta": 0.8}] * 2,
+}
+
+
+@pytest.mark.parametrize("grouping", list(GROUPINGS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_arwp_F_and_shrunk_noise_match_the_recorded_gradients(dtype):
+def test_arwp_F_and_shrunk_noise_match_the_recorded_gradients(dtype, grouping):
     model = small_convnet(dtype)
     params = list(model.parameters())
-    sigma, eta, beta = 0.05, 200.0, 0.9
-    opt = flatmin.ARWP(params, torch.optim.SGD, sigma=sigma, eta=eta, beta=beta, seed=3,
-                       lr=0.1, momentum=0.9, weight_decay=1e-3)
+    hp = GROUPINGS[grouping]
+    groups = [{"params": [p for p, h in zip(params, hp) if h is g], **g} for g in {id(h): h for h in hp}.values()]
+    opt = flatmin.ARWP(groups, torch.optim.SGD, seed=3, lr=0.1, momentum=0.9, weight_decay=1e-3)
+    order = [p for g in groups for p in g["params"]]  # the optimizer's order: group by group
+    hp = [hp[next(i for i, q in enumerate(params) if q is p)] for p in order]
+    params = order
+    perturbed = [i for i, h in enumerate(hp) if h["sigma"] != 0]
     batches = make_batches("conv", dtype, 5)
     used_grads = []  # per step: the gradient the update used (.grad after the step)
     shrink_seen = 0.0
@@ -283,19 +298,22 @@ def test_arwp_F_and_shrunk_noise_match_the_recorded_gradients(dtype):
         # F from the recorded gradients, in float64: F = Σ_t β^(k-t) Σ_{j in filter} g_t².
         F_ref = None
         if used_grads:
-            F_ref = [sum(beta ** (len(used_grads) - 1 - t) * ref_sq_sums(gs[i]) for t, gs in enumerate(used_grads))
-                     for i in range(len(params))]
-        z = draw_z(copy_generator(opt), params)
+            F_ref = [sum(hp[i]["beta"] ** (len(used_grads) - 1 - t) * ref_sq_sums(gs[i])
+                         for t, gs in enumerate(used_grads)) for i in range(len(params))]
+        z = dict(zip(perturbed, draw_z(copy_generator(opt), [params[i] for i in perturbed])))
         record = {}
         closure, before = eps_recorder(params, lambda: F.cross_entropy(model(x), y), record)
         opt.step(closure)
         for i, p in enumerate(params):
-            want = sigma * ref_s(before[i]).double() * z[i].double()
+            got = record["eps"][i].double()
+            if i not in z:
+                assert torch.equal(got, torch.zeros_like(got))
+                continue
+            want = hp[i]["sigma"] * ref_s(before[i]).double() * z[i].double()
             if F_ref is not None:
-                shrink = ref_shrink(eta * F_ref[i], p)
+                shrink = ref_shrink(hp[i]["eta"] * F_ref[i], p)
                 want = want / shrink
                 shrink_seen = max(shrink_seen, float(shrink.max()))
-            got = record["eps"][i].double()
             # F is kept in float32 by the implementation (~1e-7 relative) and, in float32,
             # got = (w + ε) - w carries one rounding of w + ε.
             tol = 1e-6 * want.abs() + 4 * torch.finfo(dtype).eps * before[i].abs().double()
@@ -305,8 +323,8 @@ def test_arwp_F_and_shrunk_noise_match_the_recorded_gradients(dtype):
         for g_closure, g_after in zip(record["grad"], after):
             assert torch.equal(g_closure, g_after)
         used_grads.append(after)
-        F_ref = [sum(beta ** (len(used_grads) - 1 - t) * ref_sq_sums(gs[i]) for t, gs in enumerate(used_grads))
-                 for i in range(len(params))]
+        F_ref = [sum(hp[i]["beta"] ** (len(used_grads) - 1 - t) * ref_sq_sums(gs[i])
+                     for t, gs in enumerate(used_grads)) for i in range(len(params))]
         for i, p in enumerate(params):
             F_opt = opt.state[p]["F"]
             expected_shape = (p.shape[0],) if p.dim() >= 2 else tuple(p.shape)
@@ -316,6 +334,54 @@ def test_arwp_F_and_shrunk_noise_match_the_recorded_gradients(dtype):
     assert shrink_seen > 1.5, shrink_seen
     conv_F = opt.state[params[0]]["F"]
     assert conv_F.max() > 1.5 * conv_F.min(), conv_F
+
+
+@pytest.mark.parametrize("method", ["rwp", "arwp"])
+def test_the_perturbed_weights_are_bit_identical_to_a_tensor_by_tensor_computation(method):
+    """flatmin keeps the per-filter numbers of all tensors in flat buffers; the arithmetic must be
+    the same, op for op, as this plain float32 computation one tensor at a time."""
+    model = small_convnet(torch.float32)
+    params = list(model.parameters())
+    sigma, eta, beta = 0.05, 200.0, 0.9
+    kw = {"eta": eta, "beta": beta} if method == "arwp" else {}
+    cls = flatmin.ARWP if method == "arwp" else flatmin.RWP
+    opt = cls(params, torch.optim.SGD, sigma=sigma, seed=3, lr=0.1, momentum=0.9, **kw)
+    F_hand = None
+    for x, y in make_batches("conv", torch.float32, 4):
+        z = draw_z(copy_generator(opt), params)
+        want = []
+        for i, p in enumerate(params):
+            w = p.detach()
+            dims = tuple(range(1, w.dim()))
+            s = torch.linalg.vector_norm(w, dim=dims, keepdim=True) if w.dim() >= 2 else torch.linalg.vector_norm(w)
+            scale = s.clamp_min(FLOOR) * sigma
+            if F_hand is not None:
+                shrink = (F_hand[i] * eta + 1.0).rsqrt()
+                scale = scale * (shrink.reshape(scale.shape[0], *[1] * (w.dim() - 1)) if w.dim() >= 2 else shrink)
+            want.append(w + z[i] * scale)
+        seen = {}
+
+        def closure():
+            seen["w"] = [p.detach().clone() for p in params]
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        for got, expected in zip(seen["w"], want):
+            assert torch.equal(got, expected)
+        if method == "arwp":
+            sums = []
+            for p in params:
+                g = p.grad
+                if g.dim() >= 2:
+                    n = torch.linalg.vector_norm(g, dim=tuple(range(1, g.dim())))
+                    sums.append(n * n)
+                else:
+                    sums.append(g * g)
+            F_hand = sums if F_hand is None else [f * beta + q for f, q in zip(F_hand, sums)]
+            for p, f in zip(params, F_hand):
+                assert torch.equal(opt.state[p]["F"], f)
 
 
 # ---------------------------------------------------------------- 3. the update, against a reference

@@ -2,7 +2,7 @@
 the SAM/ASAM baselines and NRS, plus the tools to train, compare and analyse.
 
 Layers, each importing only from those above it in this list:
-``sharding``/``perturb``/``norm_stats``/``diagnostics`` (primitives) → ``optim``/``losses`` (methods)
+``sharding``/``filters``/``perturb``/``norm_stats``/``diagnostics`` (primitives) → ``optim``/``losses`` (methods)
 → ``data``/``models`` → ``analysis`` → ``distributed`` → ``train`` → ``integrations``/``cli``.
 """
 from .losses import NRSLoss

@@ -1,100 +1,15 @@
-"""Perturbation primitives shared by every method: filter-wise scales, Gaussian draws and
-shifting the weights in place with a guaranteed way back.
-
-Notation (docs/algorithms.md, "Filter-wise scale"): a trainable tensor ``W``; its filter-wise scale ``s(W)`` is
-
-* ``s_i = ||W_i||_2`` for slice ``i`` along dim 0 when ``W.ndim >= 2`` (one output filter or neuron),
-* ``s = ||W||_2`` for the whole tensor when ``W.ndim <= 1`` (biases, normalisation affines),
-
-floored at ``1e-16`` so that an all-zero tensor is perturbed by 0 rather than NaN.
+"""Perturbation primitives shared by every method: Gaussian draws and shifting the weights in place
+with a guaranteed way back. The filter-wise scales the noise is multiplied by are in ``filters``.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from .sharding import is_sharded, local, local_range, shard_group, sum_over_shards
-
-SCALE_FLOOR = 1e-16
-
-
-def is_filterwise(w: Tensor) -> bool:
-    """Whether ``w`` is scaled per slice along dim 0 (``ndim >= 2``) or as one tensor."""
-    return w.ndim >= 2
-
-
-def filter_view(v: Tensor, w: Tensor) -> Tensor:
-    """Reshape a per-filter vector ``v`` (length ``w.shape[0]``) to broadcast over ``w``'s slices."""
-    return v.view(-1, *([1] * (w.ndim - 1)))
-
-
-def _filter_dims(w: Tensor) -> Tuple[int, ...]:
-    return tuple(range(1, w.ndim))
-
-
-def filter_norms(w: Tensor) -> Tensor:
-    """``s(W)`` broadcastable against ``W``: shape ``(out, 1, ..., 1)`` for ``ndim >= 2``, 0-d otherwise."""
-    return filter_scales([w])[0]
-
-
-def filter_scales(params: Sequence[Tensor]) -> List[Tensor]:
-    """``filter_norms`` of every tensor, with one reduction per filter-wise tensor and one call for
-    all the others together (what an optimizer step computes for each of its tensors).
-
-    For a tensor sharded along dim 0 (``flatmin.sharding``) the scale covers this process's rows:
-    a filter lies whole on one process, and the norm of a split 1-D tensor is summed over the
-    processes that share it.
-    """
-    values = [local(p) for p in params]
-    whole = [i for i, p in enumerate(params) if not is_filterwise(p)]
-    norms = dict(zip(whole, torch._foreach_norm([values[i] for i in whole]) if whole else ()))
-    split = [i for i in whole if shard_group(params[i]) is not None]
-    if split:
-        squares = [norms[i].square() for i in split]
-        sum_over_shards(squares, [params[i] for i in split])
-        norms.update(zip(split, torch._foreach_sqrt(squares)))
-    scales = [torch.linalg.vector_norm(v, dim=_filter_dims(v), keepdim=True) if i not in norms else norms[i]
-              for i, v in enumerate(values)]
-    if scales:
-        torch._foreach_clamp_min_(scales, SCALE_FLOOR)
-    return scales
-
-
-def filter_sq_sums(g: Tensor) -> Tensor:
-    """``Σ_{j in slice i} g_j²`` per filter (shape ``(out,)``) for ``ndim >= 2``; ``g²`` elementwise otherwise.
-
-    This is the per-filter statistic ARWP keeps: ``F_i = Σ_j M_j`` is linear in ``M``, so an EMA of
-    these sums equals the per-filter sum of the elementwise EMA ``M`` (one number per filter).
-    """
-    return filter_sq_sums_of([g])[0]
-
-
-def filter_sq_sums_of(grads: Sequence[Tensor]) -> List[Tensor]:
-    """``filter_sq_sums`` of every tensor (of its local rows when sharded), in at least float32
-    (float64 stays float64)."""
-    grads = [local(g) for g in grads]
-    sums = []
-    for g in grads:
-        dtype = g.dtype if g.dtype in (torch.float32, torch.float64) else torch.float32
-        if is_filterwise(g):
-            # vector_norm reduces without materialising g², keeping the transient memory at zero.
-            sums.append(torch.linalg.vector_norm(g, dim=_filter_dims(g), dtype=dtype))
-        else:
-            sums.append(g if g.dtype == dtype else g.to(dtype))
-    if not sums:
-        return sums
-    filterwise = [t for t, g in zip(sums, grads) if is_filterwise(g)]
-    if filterwise:
-        torch._foreach_mul_(filterwise, filterwise)
-    elementwise = [i for i, g in enumerate(grads) if not is_filterwise(g)]
-    if elementwise:
-        squares = torch._foreach_mul([sums[i] for i in elementwise], [sums[i] for i in elementwise])
-        for i, square in zip(elementwise, squares):
-            sums[i] = square
-    return sums
+from .sharding import is_sharded, local, local_range
 
 
 def owned_generator(
@@ -184,6 +99,9 @@ def shifted_weights(
                     p.sub_(delta)
 
 
+KEEP_FLOOR_BYTES = 2**20
+
+
 class NoiseLayout:
     """How the noise of a list of tensors is drawn: in a few flat draws instead of one per tensor.
 
@@ -201,6 +119,10 @@ class NoiseLayout:
     at most ``budget`` bytes, and a handful of draws replace one per tensor. For tensors sharded
     along dim 0 every process draws the noise of the whole tensors and uses its own rows; nothing
     is kept there, so the noise in memory stays one draw of unsharded noise.
+
+    When all the noise is kept and it takes at most ``KEEP_FLOOR_BYTES`` (a small model), its
+    buffer is kept between steps too and every step draws into it: a step then allocates and
+    views nothing, at the price of that buffer held between steps.
     """
 
     def __init__(self, params: Sequence[Tensor], budget: int) -> None:
@@ -214,7 +136,6 @@ class NoiseLayout:
                 kept.add(i)
                 room -= nbytes[i]
         order = [i for i in range(len(params)) if i not in kept] + sorted(kept)
-        self.key = _layout_key(params)
         self.draws: List[Tuple[bool, List[int]]] = []  # (kept, tensor indices) per draw, in order
         for i in order:
             last = self.draws[-1] if self.draws else None
@@ -227,9 +148,15 @@ class NoiseLayout:
         self.redrawn = sum(1 for is_kept, _ in self.draws if not is_kept)  # the first ``redrawn`` draws
         # Sharded tensors draw the noise of the whole tensor and use their own range of it.
         self.ranges = [local_range(p) for p in params]
+        self.persistent = not self.sharded and self.redrawn == 0 and sum(nbytes) <= KEEP_FLOOR_BYTES
+        self._buffers: Dict[int, Tuple[Tensor, List[Tensor]]] = {}  # draw -> (flat, views), if persistent
 
     def draw(self, k: int, params: Sequence[Tensor], generator: torch.Generator) -> List[Tensor]:
         """Draw ``k``: ``z ~ N(0, I)`` for each of its tensors (their local part), views of one flat draw."""
+        held = self._buffers.get(k)
+        if held is not None:
+            held[0].normal_(generator=generator)
+            return list(held[1])
         indices = self.draws[k][1]
         tensors = [params[i] for i in indices]
         flat = torch.empty(sum(t.numel() for t in tensors), dtype=tensors[0].dtype, device=generator.device)
@@ -243,19 +170,15 @@ class NoiseLayout:
                 z = z[start:stop]
             shape = local(t).shape if self.sharded else t.shape
             out.append(z if z.shape == shape else z.view(shape))
+        if self.persistent and flat.device == generator.device:
+            self._buffers[k] = (flat, out)
+            out = list(out)
         return out
 
     def skip(self, params: Sequence[Tensor], generator: torch.Generator) -> None:
         """Move ``generator`` as one shift would, without touching any tensor."""
         for k in range(len(self.draws)):
             self.draw(k, params, generator)
-
-
-def _layout_key(params: Sequence[Tensor]) -> Tuple:
-    return tuple((id(p), p.shape, p.dtype, p.device) for p in params)
-
-
-KEEP_FLOOR_BYTES = 2**20
 
 
 def keep_budget(params: Sequence[Tensor]) -> int:
@@ -267,14 +190,6 @@ def keep_budget(params: Sequence[Tensor]) -> int:
     nothing next to the activations.
     """
     return max([KEEP_FLOOR_BYTES, *(p.numel() * p.element_size() for p in params)])
-
-
-def noise_layout(params: Sequence[Tensor], cached: Optional[NoiseLayout] = None) -> NoiseLayout:
-    """``cached`` if it was made for these very tensors, else a new ``NoiseLayout`` with the
-    ``keep_budget`` of ``params``."""
-    if cached is not None and cached.key == _layout_key(params):
-        return cached
-    return NoiseLayout(params, keep_budget(params))
 
 
 @contextmanager

@@ -25,7 +25,8 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from ..perturb import filter_norms, gaussian_draw, is_filterwise, shifted_weights
+from ..filters import filter_norms, is_filterwise
+from ..perturb import gaussian_draw, shifted_weights
 from .evaluation import Batch, LossFn, evaluate, evaluation_mode, materialize, named_trainable
 
 

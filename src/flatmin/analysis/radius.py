@@ -26,7 +26,8 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from ..perturb import filter_norms, gaussian_deltas, shifted_weights
+from ..filters import filter_norms
+from ..perturb import gaussian_deltas, shifted_weights
 from .evaluation import Batch, LossFn, evaluate, evaluation_mode, materialize, to_device, trainable
 
 DEFAULT_RADII = (0.0, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1)

@@ -54,7 +54,7 @@ from ..norm_stats import frozen_norm_stats
 from ..optim.arwp import AdaptiveNoise
 from ..optim.base import Closure
 from ..optim.mrwp import MRWP
-from ..perturb import filter_sq_sums, is_filterwise
+from ..filters import filter_sq_sums, is_filterwise
 from ..sharding import is_sharded
 from .collectives import coalesced
 from .env import check_parallel_world

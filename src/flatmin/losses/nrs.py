@@ -51,7 +51,8 @@ from torch.func import functional_call
 
 from ..norm_stats import frozen_norm_stats
 from ..optim.base import check_range
-from ..perturb import filter_scales, filter_view, gaussian_draw, is_filterwise, owned_generator, shifted_by
+from ..filters import filter_scales, filter_view, is_filterwise
+from ..perturb import gaussian_draw, owned_generator, shifted_by
 from ..sharding import is_sharded, local, local_range, reshard
 
 NEIGHBOURS = ("random", "adversarial")
@@ -99,7 +100,7 @@ def output_divergence(clean: Tensor, perturbed: Tensor, divergence: str = "kl") 
 
 def _raw_filter_norms(t: Tensor) -> Tensor:
     """Norm of each filter of ``t`` (slice along dim 0 for ``ndim >= 2``, whole tensor otherwise),
-    broadcastable against ``t`` and without the floor of :func:`flatmin.perturb.filter_norms`."""
+    broadcastable against ``t`` and without the floor of :func:`flatmin.filters.filter_norms`."""
     if is_filterwise(t):
         return filter_view(torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1), t)
     return torch.linalg.vector_norm(t)

@@ -13,15 +13,45 @@ gradient ``F = 0`` and the step is plain RWP; the first update sets ``F`` to the
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Tuple
+import operator
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from ..perturb import filter_sq_sums_of, filter_view, is_filterwise
+from ..filters import FilterSlots, SlotBuffer, filter_sq_sums, is_filterwise, tensor_key
 from ..sharding import local, sharded_like
 from .base import BaseOptimizer, check_range
-from .rwp import RWP, Entry
+from .rwp import RWP, Entry, NoisePlan
+
+Pending = Union["Statistics", List[Tuple[Tensor, Tensor, float]]]
+_NO_STATE: Dict[str, Any] = {}
+
+
+class Statistics:
+    """ARWP's ``F`` for every trainable tensor in one slot buffer (``flatmin.filters.FilterSlots``, one
+    slot per filter and per element of 1-D tensors); each tensor's ``state[p]["F"]`` is a view of it,
+    shaped ``(out,)`` or like the tensor. A slot whose tensor has had no update yet holds 0, which
+    is what ``F`` is before the first update: the shrink is 1 there, and the first update sets it."""
+
+    def __init__(self, params: List[Tensor]) -> None:
+        self.slots = FilterSlots(params, per_element=True)
+        self.F = self.slots.buffer(stats=True, zero=True)
+        # One step's Σ g², from the perturbed pass to the update. The shrink factors, used up before
+        # the perturbed pass, are computed in the same memory.
+        self.sums = self.slots.buffer(stats=True)
+        self.ones = [torch.ones((), dtype=F.dtype, device=F.device) for F in self.F.flats]
+        self.index = {p: i for i, p in enumerate(params)}
+        self.state_views = [v.view(-1) if is_filterwise(local(p)) else v for p, v in zip(params, self.F.views)]
+        self.in_state: List[Optional[Tensor]] = [None] * len(params)  # what state[p]["F"] holds, once set
+        self.betas: List[float] = []  # each tensor's β when ``sums`` was taken
+
+    def put_in_state(self, state: Dict[Tensor, Dict[str, Any]], indices: Sequence[int]) -> None:
+        """``state[p]["F"]`` ← the view of ``p``'s slots (a DTensor like ``p`` if ``p`` is sharded)."""
+        for i in indices:
+            if self.in_state[i] is None:
+                p = self.slots.params[i]
+                self.in_state[i] = state[p]["F"] = sharded_like(self.state_views[i], p)
 
 
 class AdaptiveNoise:
@@ -29,50 +59,99 @@ class AdaptiveNoise:
 
     state: Dict[Tensor, Dict[str, Any]]
     param_groups: List[Dict[str, Any]]
+    _per_element_scales = True  # the shrink is per element of 1-D tensors: so are the scales
+    _stats: Optional[Statistics] = None
 
     @staticmethod
     def _check_adaptive(group: Dict[str, Any]) -> None:
         check_range("eta", group["eta"], 0.0, float("inf"), high_open=True)
         check_range("beta", group["beta"], 0.0, 1.0, high_open=True)
 
-    def _noise_scales(self, entries: List[Entry]) -> List[Tensor]:
+    def _statistics(self, params: Optional[List[Tensor]] = None, key: Optional[tuple] = None) -> Statistics:
+        """The ``Statistics`` of the trainable tensors (``params``, whose ``tensor_key`` is ``key``
+        when the caller has it), agreeing with ``state``: rebuilt when the tensors change, refilled
+        from ``state`` when it no longer holds the views (``load_state_dict``)."""
+        params = self.trainable() if params is None else params  # type: ignore[attr-defined]
+        stats = self._stats
+        if stats is None or stats.slots.key != (tensor_key(params) if key is None else key):
+            stats = self._stats = Statistics(params)
+        elif all((self.state.get(p) or _NO_STATE).get("F") is held for p, held in zip(params, stats.in_state)):
+            return stats
+        for i, p in enumerate(params):
+            stats.in_state[i] = None
+            F = (self.state.get(p) or _NO_STATE).get("F")
+            view = stats.state_views[i]
+            if F is None:
+                view.zero_()
+                continue
+            F = local(F)
+            if F.shape != view.shape:
+                raise ValueError(
+                    f"{type(self).__name__}: state F of a parameter of shape {tuple(p.shape)} has shape "
+                    f"{tuple(F.shape)}; it must be {tuple(view.shape)} (one number per filter, per element of 1-D)"
+                )
+            view.copy_(F)
+            stats.put_in_state(self.state, [i])
+        return stats
+
+    def _noise_scales(self, entries: List[Entry], plan: NoisePlan) -> SlotBuffer:
         """``σ · s(W) / sqrt(1 + η · F)``, with ``F`` laid out over each filter."""
-        scales = super()._noise_scales(entries)  # type: ignore[misc]
-        tracked = [i for i, (_, p) in enumerate(entries) if "F" in self.state[p]]  # F = 0 (no shrink) until then
-        if not tracked:
+        scales = super()._noise_scales(entries, plan)  # type: ignore[misc]
+        params = self.trainable()  # type: ignore[attr-defined]
+        same = len(params) == len(plan.slots.params) and all(map(operator.is_, params, plan.slots.params))
+        stats = self._statistics(params, plan.key if same else None)
+        if not entries or all(held is None for held in stats.in_state):
+            return scales  # F = 0 everywhere (no update yet): no shrink
+        etas = [group["eta"] for group, _ in entries]
+        if same:  # the same slots: one op per buffer
+            for F, eta, one, shrink, scale in zip(stats.F.flats, stats.slots.per_slot("eta", etas), stats.ones,
+                                                  stats.sums.flats, scales.flats):
+                torch.mul(F, eta, out=shrink)
+                scale.mul_(shrink.add_(one).rsqrt_())
             return scales
-        shrink = torch._foreach_mul([local(self.state[entries[i][1]]["F"]) for i in tracked],
-                                    [entries[i][0]["eta"] for i in tracked])
+        # Some tensors are not perturbed (σ = 0 in their group): shrink the others tensor by tensor.
+        views = [stats.F.views[stats.index[p]] for _, p in entries]
+        shrink = torch._foreach_mul(views, etas)
         torch._foreach_add_(shrink, 1.0)
         torch._foreach_rsqrt_(shrink)
-        factors = []
-        for i, factor in zip(tracked, shrink):
-            p = entries[i][1]
-            factor = factor.to(scales[i].dtype)
-            factors.append(filter_view(factor, p) if is_filterwise(p) else factor)
-        # Out of place: a 1-D tensor's scale is one number, its shrink one per element.
-        for i, scale in zip(tracked, torch._foreach_mul([scales[i] for i in tracked], factors)):
-            scales[i] = scale
+        torch._foreach_mul_(scales.views, shrink)
         return scales
 
-    def _perturbed_stats(self) -> List[Tuple[Tensor, Tensor, float]]:
-        """Per-filter sums of the squared perturbed gradient now in ``.grad``, with each group's β."""
-        entries = [(group, p) for group in self.param_groups for p in group["params"] if p.grad is not None]
-        sums = filter_sq_sums_of([p.grad for _, p in entries])
-        return [(p, s, group["beta"]) for (group, p), s in zip(entries, sums)]
+    def _perturbed_stats(self) -> Optional[Pending]:
+        """Per-filter sums of the squared perturbed gradient now in ``.grad``, with each group's β:
+        in the ``Statistics``' ``sums`` when every tensor has a gradient, else as a list."""
+        # The perturbed pass's _noise_scales brought the statistics up to date in this very step.
+        stats = self._stats if self._stats is not None else self._statistics()
+        grads = [p.grad for p in stats.slots.params]
+        if all(g is not None for g in grads):
+            stats.slots.sq_sums(stats.sums, grads)
+            stats.betas = [group["beta"] for group in self.param_groups for p in group["params"] if p.requires_grad]
+            return stats
+        return [(p, filter_sq_sums(p.grad), group["beta"])
+                for group in self.param_groups for p in group["params"] if p.requires_grad and p.grad is not None]
 
-    def _observe(self, pending: List[Tuple[Tensor, Tensor, float]], inv_scale_sq: float) -> None:
+    def _observe(self, pending: Pending, inv_scale_sq: float) -> None:
         """``F ← β · F + Σ g²`` (``F = 0`` before the first update, so the first sets ``F = Σ g²``)."""
+        if isinstance(pending, Statistics):  # from _perturbed_stats, earlier in this step
+            stats = pending
+            if inv_scale_sq != 1.0:
+                torch._foreach_mul_(stats.sums.flats, inv_scale_sq)
+            for F, beta, sums in zip(stats.F.flats, stats.slots.per_slot("beta", stats.betas), stats.sums.flats):
+                F.mul_(beta).add_(sums)
+            if any(held is None for held in stats.in_state):
+                stats.put_in_state(self.state, range(len(stats.in_state)))
+            return
+        if not pending:
+            return
+        stats = self._statistics()
+        sums = [s for _, s, _ in pending]
         if inv_scale_sq != 1.0:
-            torch._foreach_mul_([sums for _, sums, _ in pending], inv_scale_sq)
-        tracked = [(local(self.state[p]["F"]), sums, beta) for p, sums, beta in pending if "F" in self.state[p]]
-        for p, sums, _ in pending:
-            if "F" not in self.state[p]:
-                self.state[p]["F"] = sharded_like(sums, p)  # a sharded parameter's F is sharded like it
-        if tracked:
-            Fs = [F for F, _, _ in tracked]
-            torch._foreach_mul_(Fs, [beta for _, _, beta in tracked])
-            torch._foreach_add_(Fs, [sums for _, sums, _ in tracked])
+            torch._foreach_mul_(sums, inv_scale_sq)
+        indices = [stats.index[p] for p, _, _ in pending]
+        Fs = [stats.state_views[i] for i in indices]
+        torch._foreach_mul_(Fs, [beta for _, _, beta in pending])
+        torch._foreach_add_(Fs, [local(s) for s in sums])
+        stats.put_in_state(self.state, indices)
 
 
 class ARWP(AdaptiveNoise, RWP):

@@ -8,6 +8,10 @@
 largest tensors (up to the size of the largest one) is kept for the undo and the rest is drawn
 again from the optimizer's generator, so no copy of the weights is kept. Running statistics are
 updated in the perturbed pass, the only one.
+
+What a step computes per tensor (the scales ``σ · s(W)``, the draw's layout) is laid out once for
+the tensors a step perturbs and reused while they stay the same, so that the ops of a step do not
+grow with the number of tensors (``flatmin.filters.FilterSlots``, ``flatmin.perturb.NoiseLayout``).
 """
 from __future__ import annotations
 
@@ -16,10 +20,22 @@ from typing import Any, ContextManager, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..perturb import NoiseLayout, filter_scales, gaussian_shift, noise_layout
+from ..filters import FilterSlots, SlotBuffer, tensor_key
+from ..perturb import NoiseLayout, gaussian_shift, keep_budget
 from .base import BaseOptimizer, Closure, WrappedOptimizer, check_range
 
 Entry = Tuple[Dict[str, Any], Tensor]  # a tensor and its parameter group
+
+
+class NoisePlan:
+    """What every step over the same perturbed tensors reuses: how their noise is drawn, where their
+    scales lie, and the buffer the scales are computed in."""
+
+    def __init__(self, params: List[Tensor], per_element: bool) -> None:
+        self.layout = NoiseLayout(params, keep_budget(params))
+        self.slots = FilterSlots(params, per_element)
+        self.key = self.slots.key
+        self.scales = self.slots.buffer()
 
 
 class RWP(WrappedOptimizer):
@@ -36,7 +52,7 @@ class RWP(WrappedOptimizer):
     def __init__(self, params: Any, base_optimizer: BaseOptimizer, sigma: float = 0.01, **kwargs: Any) -> None:
         check_range("sigma", sigma, 0.0, float("inf"), high_open=True)
         defaults = {"sigma": sigma, **kwargs.pop("method_defaults", {})}
-        self._layout: Optional[NoiseLayout] = None
+        self._plan: Optional[NoisePlan] = None
         super().__init__(params, base_optimizer, defaults, **kwargs)
 
     def _check_group(self, group: Dict[str, Any]) -> None:
@@ -47,29 +63,33 @@ class RWP(WrappedOptimizer):
         return [(group, p) for group in self.param_groups if group["sigma"] != 0
                 for p in group["params"] if p.requires_grad]
 
-    def _noise_scales(self, entries: List[Entry]) -> List[Tensor]:
-        """``σ · s(W)`` for each tensor, broadcastable over it (ARWP shrinks it further)."""
-        scales = filter_scales([p for _, p in entries])  # step runs under no_grad: no graph, no detach
-        sigmas = [group["sigma"] for group, _ in entries]
-        if scales and sigmas.count(sigmas[0]) == len(sigmas):
-            torch._foreach_mul_(scales, sigmas[0])
-        elif scales:
-            torch._foreach_mul_(scales, sigmas)
-        return scales
+    # Slots per element of 1-D tensors: ARWP's shrink is per element there.
+    _per_element_scales = False
+
+    def _noise_plan(self, params: List[Tensor]) -> NoisePlan:
+        """The plan for ``params``, remembered while they stay the same tensors."""
+        if self._plan is None or self._plan.key != tensor_key(params):
+            self._plan = NoisePlan(params, self._per_element_scales)
+        return self._plan
 
     def _noise_layout(self, params: List[Tensor]) -> NoiseLayout:
-        """The layout of the draws for ``params``, remembered while they stay the same tensors."""
-        self._layout = noise_layout(params, cached=self._layout)
-        return self._layout
+        """How the noise of ``params`` is drawn."""
+        return self._noise_plan(params).layout
+
+    def _noise_scales(self, entries: List[Entry], plan: NoisePlan) -> SlotBuffer:
+        """``σ · s(W)`` for each tensor, in ``plan.scales`` (ARWP shrinks it further)."""
+        scales = plan.slots.norms(plan.scales)  # step runs under no_grad: no graph, no detach
+        return scales.mul_(plan.slots.per_slot("sigma", [group["sigma"] for group, _ in entries]))
 
     def _perturbed(self, exact: Optional[bool] = None) -> ContextManager[None]:
         """A context in which the weights are ``w + ε`` (restored on exit, also on an exception;
         bit-exactly from a copy when ``exact``, which defaults to ``exact_restore``)."""
         entries = self._noise_entries()
         params = [p for _, p in entries]
-        scales = self._noise_scales(entries)
+        plan = self._noise_plan(params)
+        scales = self._noise_scales(entries, plan)
         exact = self.exact_restore if exact is None else exact
-        return gaussian_shift(params, scales, self.generator, self._noise_layout(params), exact=exact)
+        return gaussian_shift(params, scales.views, self.generator, plan.layout, exact=exact)
 
     def _perturbed_stats(self) -> Optional[Any]:
         """Statistics of the perturbed gradient now in ``.grad`` that the state needs (ARWP)."""
