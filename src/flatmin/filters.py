@@ -72,7 +72,8 @@ class _Bucket:
         self.head = sum(counts[i] for i in self.filterwise)  # where the ndim <= 1 tensors' slots begin
         self.dims = [_filter_dims(values[i]) for i in self.filterwise]
         self.scalars = {k for k, i in enumerate(self.whole) if values[i].ndim == 0}  # cat needs them 1-D
-        # Per element, the one norm of a 1-D tensor covers all its slots: which norm each slot takes.
+        # Per element, the one norm of a 1-D tensor covers all its slots: which norm each slot takes
+        # (int32: half the memory of the default index, and index_select takes it as it is).
         self.owner: Optional[Tensor] = None
         if per_element and any(counts[i] != 1 for i in self.whole):
             self.owner = torch.repeat_interleave(torch.arange(len(self.whole), dtype=torch.int32),

@@ -120,12 +120,12 @@ class NoiseLayout:
     along dim 0 every process draws the noise of the whole tensors and uses its own rows; nothing
     is kept there, so the noise in memory stays one draw of unsharded noise.
 
-    When all the noise is kept and it takes at most ``KEEP_FLOOR_BYTES`` (a small model), its
-    buffer is kept between steps too and every step draws into it: a step then allocates and
-    views nothing, at the price of that buffer held between steps.
+    With ``hold``, when all the noise is kept and it takes at most ``KEEP_FLOOR_BYTES`` (a small
+    model), its buffer is kept between steps too and every step draws into it: a step then
+    allocates and views nothing, at the price of that buffer held between steps.
     """
 
-    def __init__(self, params: Sequence[Tensor], budget: int) -> None:
+    def __init__(self, params: Sequence[Tensor], budget: int, hold: bool = False) -> None:
         nbytes = [p.numel() * p.element_size() for p in params]
         self.sharded = any(is_sharded(p) for p in params)
         # A sharded tensor's noise is a slice of the whole tensor's draw: keeping the slice would
@@ -148,7 +148,7 @@ class NoiseLayout:
         self.redrawn = sum(1 for is_kept, _ in self.draws if not is_kept)  # the first ``redrawn`` draws
         # Sharded tensors draw the noise of the whole tensor and use their own range of it.
         self.ranges = [local_range(p) for p in params]
-        self.persistent = not self.sharded and self.redrawn == 0 and sum(nbytes) <= KEEP_FLOOR_BYTES
+        self.persistent = hold and not self.sharded and self.redrawn == 0 and sum(nbytes) <= KEEP_FLOOR_BYTES
         self._buffers: Dict[int, Tuple[Tensor, List[Tensor]]] = {}  # draw -> (flat, views), if persistent
 
     def draw(self, k: int, params: Sequence[Tensor], generator: torch.Generator) -> List[Tensor]:

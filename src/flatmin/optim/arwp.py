@@ -34,17 +34,28 @@ class Statistics:
     shaped ``(out,)`` or like the tensor. A slot whose tensor has had no update yet holds 0, which
     is what ``F`` is before the first update: the shrink is 1 there, and the first update sets it."""
 
-    def __init__(self, params: List[Tensor]) -> None:
-        self.slots = FilterSlots(params, per_element=True)
+    def __init__(self, slots: FilterSlots) -> None:
+        self.slots = slots
+        params = slots.params
         self.F = self.slots.buffer(stats=True, zero=True)
-        # One step's Σ g², from the perturbed pass to the update. The shrink factors, used up before
-        # the perturbed pass, are computed in the same memory.
-        self.sums = self.slots.buffer(stats=True)
+        # One step's Σ g², from the perturbed pass to the update: in the noise scales' buffer when it
+        # has the same slots (the scales are done with once the weights are restored), else here.
+        self.sums: Optional[SlotBuffer] = None
+        self._own_sums: Optional[SlotBuffer] = None
         self.ones = [torch.ones((), dtype=F.dtype, device=F.device) for F in self.F.flats]
         self.index = {p: i for i, p in enumerate(params)}
         self.state_views = [v.view(-1) if is_filterwise(local(p)) else v for p, v in zip(params, self.F.views)]
         self.in_state: List[Optional[Tensor]] = [None] * len(params)  # what state[p]["F"] holds, once set
         self.betas: List[float] = []  # each tensor's β when ``sums`` was taken
+
+    def sums_buffer(self, plan: Optional[NoisePlan]) -> SlotBuffer:
+        """Where this step's sums go: ``plan.scales`` when it has these slots, else a buffer of its own."""
+        if (plan is not None and plan.key == self.slots.key
+                and all(a.dtype == b.dtype for a, b in zip(plan.scales.flats, self.F.flats))):
+            return plan.scales
+        if self._own_sums is None:
+            self._own_sums = self.slots.buffer(stats=True)
+        return self._own_sums
 
     def put_in_state(self, state: Dict[Tensor, Dict[str, Any]], indices: Sequence[int]) -> None:
         """``state[p]["F"]`` ← the view of ``p``'s slots (a DTensor like ``p`` if ``p`` is sharded)."""
@@ -73,8 +84,12 @@ class AdaptiveNoise:
         from ``state`` when it no longer holds the views (``load_state_dict``)."""
         params = self.trainable() if params is None else params  # type: ignore[attr-defined]
         stats = self._stats
-        if stats is None or stats.slots.key != (tensor_key(params) if key is None else key):
-            stats = self._stats = Statistics(params)
+        key = tensor_key(params) if key is None else key
+        if stats is None or stats.slots.key != key:
+            plan = self._plan  # type: ignore[attr-defined]
+            # The noise's slots when they are these (the same tensors, one slot per element of 1-D ones).
+            slots = plan.slots if plan is not None and plan.key == key else FilterSlots(params, per_element=True)
+            stats = self._stats = Statistics(slots)
         elif all((self.state.get(p) or _NO_STATE).get("F") is held for p, held in zip(params, stats.in_state)):
             return stats
         for i, p in enumerate(params):
@@ -104,10 +119,8 @@ class AdaptiveNoise:
             return scales  # F = 0 everywhere (no update yet): no shrink
         etas = [group["eta"] for group, _ in entries]
         if same:  # the same slots: one op per buffer
-            for F, eta, one, shrink, scale in zip(stats.F.flats, stats.slots.per_slot("eta", etas), stats.ones,
-                                                  stats.sums.flats, scales.flats):
-                torch.mul(F, eta, out=shrink)
-                scale.mul_(shrink.add_(one).rsqrt_())
+            for F, eta, one, scale in zip(stats.F.flats, stats.slots.per_slot("eta", etas), stats.ones, scales.flats):
+                scale.mul_(torch.mul(F, eta).add_(one).rsqrt_())
             return scales
         # Some tensors are not perturbed (σ = 0 in their group): shrink the others tensor by tensor.
         views = [stats.F.views[stats.index[p]] for _, p in entries]
@@ -124,7 +137,7 @@ class AdaptiveNoise:
         stats = self._stats if self._stats is not None else self._statistics()
         grads = [p.grad for p in stats.slots.params]
         if all(g is not None for g in grads):
-            stats.slots.sq_sums(stats.sums, grads)
+            stats.sums = stats.slots.sq_sums(stats.sums_buffer(self._plan), grads)  # type: ignore[attr-defined]
             stats.betas = [group["beta"] for group in self.param_groups for p in group["params"] if p.requires_grad]
             return stats
         return [(p, filter_sq_sums(p.grad), group["beta"])

@@ -47,6 +47,7 @@ class MRWP(RWP):
 
     grads_per_step = 2
     batches_per_step = 2
+    _hold_noise = False
 
     def __init__(
         self, params: Any, base_optimizer: BaseOptimizer, sigma: float = 0.015, lam: float = 0.5, **kwargs: Any

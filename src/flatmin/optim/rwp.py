@@ -31,8 +31,8 @@ class NoisePlan:
     """What every step over the same perturbed tensors reuses: how their noise is drawn, where their
     scales lie, and the buffer the scales are computed in."""
 
-    def __init__(self, params: List[Tensor], per_element: bool) -> None:
-        self.layout = NoiseLayout(params, keep_budget(params))
+    def __init__(self, params: List[Tensor], per_element: bool, hold_noise: bool) -> None:
+        self.layout = NoiseLayout(params, keep_budget(params), hold=hold_noise)
         self.slots = FilterSlots(params, per_element)
         self.key = self.slots.key
         self.scales = self.slots.buffer()
@@ -65,11 +65,14 @@ class RWP(WrappedOptimizer):
 
     # Slots per element of 1-D tensors: ARWP's shrink is per element there.
     _per_element_scales = False
+    # Keep a small model's noise buffer between steps (the mixed methods do not: it would be held
+    # beside the perturbed gradient during the clean pass, their peak).
+    _hold_noise = True
 
     def _noise_plan(self, params: List[Tensor]) -> NoisePlan:
         """The plan for ``params``, remembered while they stay the same tensors."""
         if self._plan is None or self._plan.key != tensor_key(params):
-            self._plan = NoisePlan(params, self._per_element_scales)
+            self._plan = NoisePlan(params, self._per_element_scales, self._hold_noise)
         return self._plan
 
     def _noise_layout(self, params: List[Tensor]) -> NoiseLayout:
