@@ -101,3 +101,19 @@ def test_filter_scales_broadcast_against_their_tensors():
     for t, scale in zip(tensors, filter_scales(tensors)):
         assert (scale * t).shape == t.shape
         assert scale.shape == ((t.shape[0],) + (1,) * (t.dim() - 1) if t.dim() >= 2 else ())
+
+
+@pytest.mark.parametrize("per_element", [False, True])
+def test_the_accelerator_path_for_1d_norms_gives_the_same_numbers(per_element):
+    """Off the CPU the norms of the 1-D tensors are one foreach op; the choice depends only on the
+    bucket's device, so the path is run here on CPU tensors and must agree bit for bit."""
+    tensors = mixed_tensors()
+    on_cpu = FilterSlots(tensors, per_element=per_element)
+    elsewhere = FilterSlots(tensors, per_element=per_element)
+    out = elsewhere.buffer()
+    for bucket in elsewhere.buckets:
+        bucket.device = torch.device("cuda")  # only the branch taken changes
+    want = on_cpu.norms(on_cpu.buffer())
+    got = elsewhere.norms(out)
+    for a, b in zip(want.flats, got.flats):
+        assert torch.equal(a, b)

@@ -49,6 +49,12 @@ class RWP(WrappedOptimizer):
     ``step`` returns the loss at the perturbed weights (the only one computed).
     """
 
+    # Slots per element of 1-D tensors: ARWP's shrink is per element there.
+    _per_element_scales = False
+    # Keep a small model's noise buffer between steps (the mixed methods do not: it would be held
+    # beside the perturbed gradient during the clean pass, their peak).
+    _hold_noise = True
+
     def __init__(self, params: Any, base_optimizer: BaseOptimizer, sigma: float = 0.01, **kwargs: Any) -> None:
         check_range("sigma", sigma, 0.0, float("inf"), high_open=True)
         defaults = {"sigma": sigma, **kwargs.pop("method_defaults", {})}
@@ -62,12 +68,6 @@ class RWP(WrappedOptimizer):
         """``(group, tensor)`` for every trainable tensor of a group with ``σ > 0``, in drawing order."""
         return [(group, p) for group in self.param_groups if group["sigma"] != 0
                 for p in group["params"] if p.requires_grad]
-
-    # Slots per element of 1-D tensors: ARWP's shrink is per element there.
-    _per_element_scales = False
-    # Keep a small model's noise buffer between steps (the mixed methods do not: it would be held
-    # beside the perturbed gradient during the clean pass, their peak).
-    _hold_noise = True
 
     def _noise_plan(self, params: List[Tensor]) -> NoisePlan:
         """The plan for ``params``, remembered while they stay the same tensors."""
