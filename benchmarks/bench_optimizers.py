@@ -58,7 +58,7 @@ TIME_TARGETS = {
 }
 # Extra over SGD, x the largest tensor, beside the per-filter scales (and ARWP's per-filter statistics).
 MEMORY_TARGETS = {"resnet18": {"rwp": 1.0, "arwp": 1.0}}
-ROUNDS = {"mlp": (10, 60, 10), "vit": (3, 20, 3), "resnet18": (1, 3, 1)}  # warm-up, timed, steps per sample
+ROUNDS = {"mlp": (10, 60, 10), "vit": (3, 20, 3), "resnet18": (1, 6, 1)}  # warm-up, timed, steps per sample
 MiB = float(2**20)
 Batch = Tuple[Tensor, Tensor]
 
@@ -269,7 +269,7 @@ def print_table(result: dict, device: torch.device) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="mlp,vit,resnet18", help="comma-separated: mlp, vit, resnet18")
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds per model (default: mlp 60, vit 20, resnet18 3)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds per model (default: mlp 60, vit 20, resnet18 6)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
