@@ -25,7 +25,6 @@ from .base import BaseOptimizer, check_range
 from .rwp import RWP, Entry, NoisePlan
 
 Pending = Union["Statistics", List[Tuple[Tensor, Tensor, float]]]
-_NO_STATE: Dict[str, Any] = {}
 
 
 class Statistics:
@@ -78,6 +77,11 @@ class AdaptiveNoise:
         check_range("eta", group["eta"], 0.0, float("inf"), high_open=True)
         check_range("beta", group["beta"], 0.0, 1.0, high_open=True)
 
+    def _state_F(self, p: Tensor) -> Optional[Tensor]:
+        """``state[p]["F"]``, or ``None`` (without adding ``p`` to the state)."""
+        state = self.state.get(p)
+        return None if state is None else state.get("F")
+
     def _statistics(self, params: Optional[List[Tensor]] = None, key: Optional[tuple] = None) -> Statistics:
         """The ``Statistics`` of the trainable tensors (``params``, whose ``tensor_key`` is ``key``
         when the caller has it), agreeing with ``state``: rebuilt when the tensors change, refilled
@@ -90,11 +94,11 @@ class AdaptiveNoise:
             # The noise's slots when they are these (the same tensors, one slot per element of 1-D ones).
             slots = plan.slots if plan is not None and plan.key == key else FilterSlots(params, per_element=True)
             stats = self._stats = Statistics(slots)
-        elif all((self.state.get(p) or _NO_STATE).get("F") is held for p, held in zip(params, stats.in_state)):
+        elif all(self._state_F(p) is held for p, held in zip(params, stats.in_state)):
             return stats
         for i, p in enumerate(params):
             stats.in_state[i] = None
-            F = (self.state.get(p) or _NO_STATE).get("F")
+            F = self._state_F(p)
             view = stats.state_views[i]
             if F is None:
                 view.zero_()
