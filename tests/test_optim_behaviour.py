@@ -303,6 +303,24 @@ def test_create_builds_each_method():
     assert isinstance(flatmin.create("rwp", model, base="adamw", lr=1e-3).base_optimizer, torch.optim.AdamW)
 
 
+def test_create_sgd_takes_seed_and_generator_and_draws_nothing():
+    """Plain SGD has no noise: seed= and generator= are accepted (one call builds any method) and
+    change nothing, neither the update nor torch's global random state."""
+    updates = []
+    for extra in [{}, {"seed": 0}, {"generator": torch.Generator().manual_seed(5)}]:
+        model = make_model()
+        torch.manual_seed(7)
+        opt = flatmin.create("sgd", model, **HP, **extra)
+        assert type(opt) is torch.optim.SGD and "seed" not in opt.defaults
+        run_step(opt, model, batches(1)[0])
+        updates.append((weights(model), torch.rand(3)))
+    for w, after in updates[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(w, updates[0][0]))
+        assert torch.equal(after, updates[0][1])
+    with pytest.raises(ValueError, match="either seed= or generator="):
+        flatmin.create("sgd", make_model(), lr=0.1, seed=1, generator=torch.Generator())
+
+
 def test_bad_constructor_arguments():
     model = make_model()
     with pytest.raises(TypeError, match="optimizer class"):
@@ -363,6 +381,32 @@ def test_load_state_dict_rejects_a_plain_optimizer_state():
     plain = torch.optim.SGD(model.parameters(), lr=0.1).state_dict()
     with pytest.raises(ValueError, match="not a RWP state_dict"):
         flatmin.RWP(model.parameters(), torch.optim.SGD, lr=0.1).load_state_dict(plain)
+
+
+@pytest.mark.parametrize("saved, loaded", [("rwp", "arwp"), ("arwp", "m-arwp"), ("m-rwp", "rwp"),
+                                           ("sam", "asam"), ("asam", "sam"), ("m-arwp", "sam")])
+def test_load_state_dict_refuses_another_methods_state(saved, loaded):
+    model = make_model()
+    source = make(saved, model)
+    run_step(source, model, *batches(2))
+    target = make(loaded, model)
+    before = target.state_dict()
+    with pytest.raises(ValueError, match=f"saved by method '{saved}'; it cannot be loaded into .*'{loaded}'"):
+        target.load_state_dict(source.state_dict())
+    assert target.state_dict()["param_groups"] == before["param_groups"]  # nothing was loaded
+
+
+@pytest.mark.parametrize("name", PERTURBING)
+def test_a_state_dict_without_the_method_entry_still_loads(name):
+    """Checkpoints written before the method was saved in the state_dict."""
+    model = make_model()
+    opt = make(name, model)
+    run_step(opt, model, *batches(2))
+    state = opt.state_dict()
+    assert state.pop("method") == name
+    other = make(name, make_model())
+    other.load_state_dict(state)
+    assert other.state_dict()["generator"].equal(state["generator"])
 
 
 @pytest.mark.parametrize("name", ["arwp", "m-arwp"])

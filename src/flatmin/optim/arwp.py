@@ -180,6 +180,8 @@ class ARWP(AdaptiveNoise, RWP):
                            lr=0.1, momentum=0.9)
     """
 
+    method = "arwp"
+
     def __init__(
         self, params: Any, base_optimizer: BaseOptimizer, sigma: float = 0.01, eta: float = 0.1,
         beta: float = 0.99, **kwargs: Any,

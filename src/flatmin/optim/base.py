@@ -129,6 +129,7 @@ class WrappedOptimizer(torch.optim.Optimizer):
 
     grads_per_step: int = 1
     batches_per_step: int = 1
+    method: str = ""  # the name ``flatmin.create`` knows the method by; saved in ``state_dict()``
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -167,6 +168,10 @@ class WrappedOptimizer(torch.optim.Optimizer):
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         # One list of group dicts for both objects: a scheduler or a user editing either sees the same.
         self.param_groups = self.base_optimizer.param_groups
+        # The base optimizer's full defaults too (momentum, betas, ... whether passed or not): schedulers
+        # such as OneCycleLR and CyclicLR look in ``defaults`` for the momentum they cycle.
+        self._shown = {**defaults, **base_kwargs}
+        self.defaults = {**self.base_optimizer.defaults, **defaults}
         self._grads_left: Optional[List[Tuple[Tensor, Optional[weakref.ref]]]] = None
         self._remember_grads()
         self.register_step_pre_hook(WrappedOptimizer._refuse_outside_grads)
@@ -311,6 +316,7 @@ class WrappedOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> Dict[str, Any]:
         state = super().state_dict()
+        state["method"] = self.method
         state["base_optimizer"] = self.base_optimizer.state_dict()
         state["generator"] = self.generator.get_state()
         state["skipped_steps"] = self.skipped_steps
@@ -325,6 +331,12 @@ class WrappedOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 f"not a {type(self).__name__} state_dict: it has no {missing} entry"
             ) from None
+        method = state_dict.pop("method", None)  # absent from checkpoints older than the entry: not checked
+        if method is not None and method != self.method:
+            raise ValueError(
+                f"this state_dict was saved by method {method!r}; it cannot be loaded into {type(self).__name__} "
+                f"(method {self.method!r}): build the optimizer of the method that saved it"
+            )
         self.skipped_steps = int(state_dict.pop("skipped_steps", 0))
         super().load_state_dict(state_dict)
         self.base_optimizer.load_state_dict(base_state)
@@ -334,5 +346,5 @@ class WrappedOptimizer(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base={type(self.base_optimizer).__name__}, " + ", ".join(
-            f"{k}={self.defaults[k]!r}" for k in self.defaults
+            f"{k}={v!r}" for k, v in self._shown.items()
         ) + ")"

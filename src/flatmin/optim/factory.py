@@ -31,6 +31,9 @@ BASES: Dict[str, Type[torch.optim.Optimizer]] = {
 METHOD_KEYWORDS = frozenset({"sigma", "lam", "eta", "beta", "rho", "adaptive", "seed", "generator",
                              "exact_restore", "grad_scaler", "max_grad_norm"})
 
+# Where the noise comes from: every method takes them, plain SGD too (it has no noise to draw).
+NOISE_KEYWORDS = frozenset({"seed", "generator"})
+
 
 def _method_keywords(cls: type) -> set:
     names = set()
@@ -50,8 +53,10 @@ def create(
     ``"adamw"``, ``"adam"`` or an optimizer class. ``hparams`` are the method's own (``sigma``,
     ``lam``, ``eta``, ``beta``, ``rho``, ``seed``, ...) and the base optimizer's (``lr``,
     ``momentum``, ``weight_decay``, ...). ``sgd`` returns the plain base optimizer (the name is the
-    method "no perturbation"; with ``base="adamw"`` it is plain AdamW). ``params`` are the tensors or
-    parameter groups to optimize (default: all of ``model``'s parameters).
+    method "no perturbation"; with ``base="adamw"`` it is plain AdamW); it draws no noise, so it
+    accepts ``seed`` and ``generator`` (as every method does, so that one call builds any of them) and
+    they have no effect. ``params`` are the tensors or parameter groups to optimize (default: all of
+    ``model``'s parameters).
     """
     key = name.lower() if isinstance(name, str) else name
     if key not in METHODS:
@@ -61,15 +66,18 @@ def create(
             raise ValueError(f"unknown base optimizer {base!r}: choose one of {', '.join(BASES)} or pass a class")
         base = BASES[base.lower()]
     cls = METHODS[key]
-    allowed = set() if cls is None else _method_keywords(cls)
+    allowed = NOISE_KEYWORDS if cls is None else _method_keywords(cls)
     foreign = sorted(k for k in hparams if k in METHOD_KEYWORDS and k not in allowed)
     if foreign:
         raise ValueError(
             f"method {key!r} takes no {', '.join(foreign)}; its own hyperparameters are: "
-            f"{', '.join(sorted(allowed)) or 'none (only the base optimizer’s)'}"
+            f"{', '.join(sorted(allowed)) if cls is not None else 'none (only the base optimizer’s)'}"
         )
     params = model.parameters() if params is None else params
     if cls is None:
+        seed, generator = hparams.pop("seed", None), hparams.pop("generator", None)
+        if seed is not None and generator is not None:
+            raise ValueError("give either seed= or generator=, not both")
         return base(params, **hparams)
     if key == "asam":
         hparams.setdefault("adaptive", True)

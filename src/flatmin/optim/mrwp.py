@@ -45,6 +45,7 @@ class MRWP(RWP):
     ``step`` returns the clean loss ``L(w; B1)``.
     """
 
+    method = "m-rwp"
     grads_per_step = 2
     batches_per_step = 2
     _hold_noise = False
@@ -176,6 +177,8 @@ class MARWP(AdaptiveNoise, MRWP):
         opt = flatmin.MARWP(model.parameters(), torch.optim.SGD, model=model, sigma=0.015, lam=0.5,
                             eta=0.1, beta=0.99, seed=0, lr=0.1, momentum=0.9, weight_decay=1e-3)
     """
+
+    method = "m-arwp"
 
     def __init__(
         self, params: Any, base_optimizer: BaseOptimizer, sigma: float = 0.015, lam: float = 0.5,

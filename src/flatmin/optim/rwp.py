@@ -49,6 +49,8 @@ class RWP(WrappedOptimizer):
     ``step`` returns the loss at the perturbed weights (the only one computed).
     """
 
+    method = "rwp"
+
     # Slots per element of 1-D tensors: ARWP's shrink is per element there.
     _per_element_scales = False
     # Keep a small model's noise buffer between steps (the mixed methods do not: it would be held

@@ -38,6 +38,10 @@ class SAM(WrappedOptimizer):
 
     grads_per_step = 2
 
+    @property  # type: ignore[override]
+    def method(self) -> str:
+        return "asam" if self.defaults["adaptive"] else "sam"
+
     def __init__(
         self, params: Any, base_optimizer: BaseOptimizer, rho: float = 0.05, adaptive: bool = False, **kwargs: Any
     ) -> None:
