@@ -7,6 +7,8 @@ Notation (docs/algorithms.md, "Filter-wise scale"): a trainable tensor ``W``; it
 * ``s = ||W||_2`` for the whole tensor when ``W.ndim <= 1`` (biases, normalisation affines),
 
 floored at ``1e-16`` so that an all-zero tensor is perturbed by (the floor times) zero, never NaN.
+A complex tensor's numbers are real, from its elements' moduli, in the real dtype of its parts
+(docs/algorithms.md, "Complex parameters and sparse gradients").
 
 An optimizer step needs such numbers for every tensor of a model. Computed tensor by tensor, each
 costs a handful of tiny ops, and on a model of many small tensors those ops, not the arithmetic,
@@ -61,6 +63,10 @@ class _Bucket:
         self.filterwise = [i for i in indices if is_filterwise(values[i])]
         self.whole = [i for i in indices if not is_filterwise(values[i])]
         self.dtype, self.device = values[indices[0]].dtype, values[indices[0]].device
+        # A complex tensor's norms and sums are real: its buffers take the dtype of its parts.
+        self.complex = self.dtype.is_complex
+        if self.complex:
+            self.dtype = self.dtype.to_real()
         counts = {i: values[i].shape[0] for i in self.filterwise}
         counts.update({i: values[i].numel() if per_element else 1 for i in self.whole})
         self.ranges: Dict[int, Tuple[int, int]] = {}
@@ -127,9 +133,10 @@ class FilterSlots:
                 torch.linalg.vector_norm(v, dim=dims, out=run)
             if bucket.whole:
                 whole = self._local(self.params, bucket.whole)
-                if bucket.device.type == "cpu":
+                if bucket.device.type == "cpu" or bucket.complex:
                     # A foreach op is a loop over the tensors on the CPU: one reduction per tensor,
-                    # written straight into its number, saves gathering the results afterwards.
+                    # written straight into its number, saves gathering the results afterwards
+                    # (and a complex tensor's norm is written into a real number this way anywhere).
                     for v, single in zip(whole, singles):
                         torch.linalg.vector_norm(v, out=single)
                 else:
@@ -150,14 +157,28 @@ class FilterSlots:
         if not self.per_element:
             raise ValueError("sq_sums needs slots made with per_element=True: one per element of 1-D tensors")
         for bucket, flat, runs, tail in zip(self.buckets, out.flats, out.runs, out.tails):
-            for g, dims, run in zip(self._local(grads, bucket.filterwise), bucket.dims, runs):
-                # vector_norm reduces without materialising g², keeping the transient memory at zero.
-                torch.linalg.vector_norm(g, dim=dims, dtype=flat.dtype, out=run)
+            # The dtype vector_norm computes in: a complex one for complex gradients (|g|² is real).
+            dtype = flat.dtype if not bucket.complex else flat.dtype.to_complex()
+            filterwise = self._local(grads, bucket.filterwise)
+            try:
+                for g, dims, run in zip(filterwise, bucket.dims, runs):
+                    # vector_norm reduces without materialising g², keeping the transient memory at zero.
+                    torch.linalg.vector_norm(g, dim=dims, dtype=dtype, out=run)
+            except NotImplementedError:  # a sparse gradient (nn.Embedding(sparse=True)): no such kernel
+                for g, run in zip(filterwise, runs):
+                    _filter_norms_into(g, run)
             if bucket.whole:
                 whole = self._local(grads, bucket.whole)
-                for k in bucket.scalars:
-                    whole[k] = whole[k].reshape(1)
-                torch.cat(whole, out=tail)
+                if bucket.complex:
+                    for g, i in zip(whole, bucket.whole):
+                        torch.abs(g.to_dense() if g.is_sparse else g, out=out.views[i])
+                else:
+                    for k in bucket.scalars:
+                        whole[k] = whole[k].reshape(1)
+                    try:
+                        torch.cat(whole, out=tail)
+                    except (NotImplementedError, RuntimeError):  # a sparse gradient among them
+                        torch.cat([g.to_dense() for g in whole], out=tail)
             flat.mul_(flat)
         return out
 
@@ -189,6 +210,20 @@ class FilterSlots:
                 factors.append(flat)
         self._per_slot[name] = ((key[:1] if uniform else key), factors)
         return factors
+
+
+def _filter_norms_into(g: Tensor, run: Tensor) -> None:
+    """``run ← ||g_i||`` per slice ``i`` along dim 0, for ``g`` dense or sparse. A sparse gradient's
+    rows are summed from its coalesced values (duplicate entries added first, as the gradient adds
+    them); the rows it does not hold are 0."""
+    if not g.is_sparse:
+        torch.linalg.vector_norm(g, dim=_filter_dims(g), dtype=run.dtype.to_complex() if g.is_complex() else run.dtype,
+                                 out=run)
+        return
+    g = g.coalesce()
+    values = g.values().abs() if g.is_complex() else g.values()
+    squares = values.to(run.dtype).square().reshape(values.shape[0], -1).sum(1)
+    run.zero_().index_add_(0, g.indices()[0], squares).sqrt_()
 
 
 class SlotBuffer:

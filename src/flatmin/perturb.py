@@ -28,8 +28,13 @@ def owned_generator(
 
 
 def gaussian_draw(shape: torch.Size, generator: torch.Generator, like: Tensor) -> Tensor:
-    """``z ~ N(0, I)`` of ``shape`` from ``generator``, returned with ``like``'s dtype and device."""
-    z = torch.randn(shape, generator=generator, device=generator.device, dtype=like.dtype)
+    """``z ~ N(0, I)`` of ``shape`` from ``generator``, returned with ``like``'s dtype and device; for a
+    complex ``like``, the real and imaginary parts are each ``N(0, 1)`` (a pair of reals)."""
+    if like.is_complex():
+        z = torch.view_as_complex(torch.randn((*shape, 2), generator=generator, device=generator.device,
+                                              dtype=like.dtype.to_real()))
+    else:
+        z = torch.randn(shape, generator=generator, device=generator.device, dtype=like.dtype)
     return z if z.device == like.device else z.to(like.device)
 
 
@@ -149,6 +154,8 @@ class NoiseLayout:
         # Sharded tensors draw the noise of the whole tensor and use their own range of it.
         self.ranges = [local_range(p) for p in params]
         self.persistent = hold and not self.sharded and self.redrawn == 0 and sum(nbytes) <= KEEP_FLOOR_BYTES
+        # A complex tensor's noise is a pair of reals per element, each N(0, 1): drawn through its real view.
+        self.complex = any(p.is_complex() for p in params)
         self._buffers: Dict[int, Tuple[Tensor, List[Tensor]]] = {}  # draw -> (flat, views), if persistent
 
     def draw(self, k: int, params: Sequence[Tensor], generator: torch.Generator) -> List[Tensor]:
@@ -160,7 +167,8 @@ class NoiseLayout:
         indices = self.draws[k][1]
         tensors = [params[i] for i in indices]
         flat = torch.empty(sum(t.numel() for t in tensors), dtype=tensors[0].dtype, device=generator.device)
-        flat.normal_(generator=generator)
+        normal = torch.view_as_real(flat) if self.complex and flat.is_complex() else flat
+        normal.normal_(generator=generator)
         if flat.device != tensors[0].device:
             flat = flat.to(tensors[0].device)
         out = []
@@ -171,7 +179,7 @@ class NoiseLayout:
             shape = local(t).shape if self.sharded else t.shape
             out.append(z if z.shape == shape else z.view(shape))
         if self.persistent and flat.device == generator.device:
-            self._buffers[k] = (flat, out)
+            self._buffers[k] = (normal, out)
             out = list(out)
         return out
 

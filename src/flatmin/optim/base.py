@@ -54,10 +54,14 @@ def check_range(
 
 
 def global_norm(tensors: Sequence[Tensor]) -> Tensor:
-    """``sqrt(Σ_t ||t||²)`` over all tensors, in at least float32 (inf or NaN if any element is)."""
+    """``sqrt(Σ_t ||t||²)`` over all tensors, in at least float32 (inf or NaN if any element is).
+    A sparse tensor's norm is that of its coalesced values (duplicate entries added first)."""
     if not tensors:
         return torch.zeros(())
-    norms = torch._foreach_norm(list(tensors))
+    try:
+        norms = torch._foreach_norm(list(tensors))
+    except NotImplementedError:  # a sparse tensor (nn.Embedding(sparse=True)'s gradient) has no norm kernel
+        norms = [torch.linalg.vector_norm(t.coalesce().values() if t.is_sparse else t) for t in tensors]
     dtype = torch.promote_types(norms[0].dtype, torch.float32)
     return torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms]))
 
@@ -276,7 +280,7 @@ class WrappedOptimizer(torch.optim.Optimizer):
                 inv_scale_sq = 1.0 if scaler is None else 1.0 / scaler.get_scale() ** 2
                 self._observe(pending, inv_scale_sq)
             if self.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(self.trainable(), self.max_grad_norm)
+                self._clip()
         if scaler is not None:
             scaler.step(self.base_optimizer)  # skips the step itself when it found an inf
         elif finite:
@@ -289,6 +293,16 @@ class WrappedOptimizer(torch.optim.Optimizer):
                 RuntimeWarning,
                 stacklevel=3,
             )
+
+    def _clip(self) -> None:
+        """Scale the gradient to a global 2-norm of at most ``max_grad_norm``, as ``clip_grad_norm_``
+        does; that function has no kernel for sparse gradients, which are scaled here the same way."""
+        try:
+            torch.nn.utils.clip_grad_norm_(self.trainable(), self.max_grad_norm)
+        except NotImplementedError:
+            grads = self._grads()
+            coef = torch.clamp(self.max_grad_norm / (global_norm(grads) + 1e-6), max=1.0)
+            torch._foreach_mul_(grads, [coef.to(g.device, g.dtype.to_real()) for g in grads])
 
     def _base_step(self) -> None:
         """The base optimizer's step. Its wrapper's profiler label and hooks belong to this

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from typing import Any, ContextManager, Dict, Optional
+from typing import Any, ContextManager, Dict, List, Optional
 
 import torch
+from torch import Tensor
 
 from ..norm_stats import frozen_norm_stats
 from ..perturb import shifted_by
@@ -48,8 +49,19 @@ class SAM(WrappedOptimizer):
         check_range("rho", rho, 0.0, float("inf"), high_open=True)
         super().__init__(params, base_optimizer, {"rho": rho, "adaptive": bool(adaptive)}, **kwargs)
 
+    _complex = False  # whether any parameter is complex: ASAM's T is then |w| taken explicitly
+
     def _check_group(self, group: Dict[str, Any]) -> None:
         check_range("rho", group["rho"], 0.0, float("inf"), high_open=True)
+        if any(p.is_complex() for p in group["params"]):
+            self._complex = True
+
+    def _T(self, params: List[Tensor]) -> List[Tensor]:
+        """What ASAM multiplies by for ``T = |w|``: ``w`` itself for real tensors (the sign drops out of
+        the norm and the second product gives ``w² = |w|²``), the modulus ``|w|`` for complex ones."""
+        if not self._complex:
+            return params
+        return [p.abs() if p.is_complex() else p for p in params]
 
     def _per_worker(self) -> ContextManager[None]:
         """The ascent step is each worker's own: under DDP the first backward must not all-reduce."""
@@ -71,7 +83,7 @@ class SAM(WrappedOptimizer):
             group_params = [p for p in group["params"] if p.grad is not None]
             group_eps = [p.grad for p in group_params]
             if group["adaptive"] and group_eps:
-                torch._foreach_mul_(group_eps, group_params)  # T g0 = |w| ⊙ g0, up to sign
+                torch._foreach_mul_(group_eps, self._T(group_params))  # T g0 = |w| ⊙ g0, up to sign
             per_group.append((group, group_params, group_eps))
         params = [p for _, group_params, _ in per_group for p in group_params]
         eps = [e for _, _, group_eps in per_group for e in group_eps]
@@ -87,7 +99,7 @@ class SAM(WrappedOptimizer):
             return loss
         for group, group_params, group_eps in per_group:
             if group["adaptive"] and group_eps:
-                torch._foreach_mul_(group_eps, group_params)  # T² g0 = w² ⊙ g0
+                torch._foreach_mul_(group_eps, self._T(group_params))  # T² g0 = w² ⊙ g0
             if group_eps:
                 torch._foreach_mul_(group_eps, group["rho"] / max(norm, 1e-12))
         for p in params:
