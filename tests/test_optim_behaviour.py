@@ -18,14 +18,15 @@ PERTURBING = ALL[1:]
 HP = {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3}
 
 
-def make_model(seed: int = 0) -> nn.Module:
+def make_model(seed: int = 0, device="cpu") -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    return nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3)).to(device)
 
 
-def batches(n: int, seed: int = 1):
+def batches(n: int, seed: int = 1, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(12, 6, generator=g), torch.randint(0, 3, (12,), generator=g)) for _ in range(n)]
+    return [(torch.randn(12, 6, generator=g).to(device), torch.randint(0, 3, (12,), generator=g).to(device))
+            for _ in range(n)]
 
 
 def closure_on(model, x, y, log=None):
@@ -148,9 +149,9 @@ class Boom(RuntimeError):
 
 @pytest.mark.parametrize("exact", [False, True])
 @pytest.mark.parametrize("name", PERTURBING)
-def test_exception_in_a_closure_leaves_weights_unperturbed_and_optimizer_usable(name, exact):
-    model = make_model()
-    b1, b2 = batches(2)
+def test_exception_in_a_closure_leaves_weights_unperturbed_and_optimizer_usable(name, exact, device):
+    model = make_model(device=device)
+    b1, b2 = batches(2, device=device)
     opt = make(name, model, exact_restore=exact)
     run_step(opt, model, b1, b2)  # non-trivial state (momentum, ARWP statistics)
     before = weights(model)
@@ -204,9 +205,9 @@ def test_exception_in_the_first_pass_leaves_weights_bit_identical(name):
 # ---------------------------------------------------------------- non-finite
 
 @pytest.mark.parametrize("name", PERTURBING)
-def test_non_finite_gradient_skips_the_update_with_a_warning(name):
-    model = make_model()
-    b1, b2 = batches(2)
+def test_non_finite_gradient_skips_the_update_with_a_warning(name, device):
+    model = make_model(device=device)
+    b1, b2 = batches(2, device=device)
     opt = make(name, model)
     run_step(opt, model, b1, b2)
     before = weights(model)
@@ -334,8 +335,8 @@ def test_bad_constructor_arguments():
 # ---------------------------------------------------------------- resume
 
 @pytest.mark.parametrize("name", PERTURBING)
-def test_resume_from_state_dict_continues_bit_identically(name):
-    data = batches(12, seed=3)
+def test_resume_from_state_dict_continues_bit_identically(name, device):
+    data = batches(12, seed=3, device=device)
 
     def train(model, opt, sched, pairs):
         for b1, b2 in pairs:
@@ -344,7 +345,7 @@ def test_resume_from_state_dict_continues_bit_identically(name):
                 sched.step()
 
     def build():
-        model = make_model()
+        model = make_model(device=device)
         opt = make(name, model)
         sched = flatmin.CosineIncSigma(opt, total_steps=6, inc=10) if "sigma" in opt.param_groups[0] else None
         return model, opt, sched
@@ -359,9 +360,9 @@ def test_resume_from_state_dict_continues_bit_identically(name):
     torch.save({"model": model_b.state_dict(), "opt": opt_b.state_dict(),
                 "sched": sched_b.state_dict() if sched_b else None}, buf)
     buf.seek(0)
-    saved = torch.load(buf, weights_only=True)
+    saved = torch.load(buf, weights_only=True, map_location=device)
 
-    model_c = make_model(seed=99)  # different init: everything must come from the checkpoint
+    model_c = make_model(seed=99, device=device)  # different init: everything must come from the checkpoint
     opt_c = flatmin.create(name, model_c, **HP, seed=12345)
     sched_c = flatmin.CosineIncSigma(opt_c, total_steps=6, inc=10) if sched_b else None
     model_c.load_state_dict(saved["model"])
@@ -524,19 +525,19 @@ def test_lr_scheduler_on_the_wrapper_reaches_the_base_optimizer():
 # ---------------------------------------------------------------- AMP and accumulation
 
 @pytest.mark.parametrize("name", ["rwp", "arwp", "m-arwp", "sam", "asam"])
-def test_grad_scaler_gives_the_unscaled_update(name):
+def test_grad_scaler_gives_the_unscaled_update(name, device):
     """A GradScaler only changes the representation of the gradient: the update, and ARWP's
     statistics, match a run without it (the scale is a power of two, so up to rounding)."""
-    b1, b2 = batches(2)
+    b1, b2 = batches(2, device=device)
     results = []
     for use_scaler in (False, True):
-        model = make_model()
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12) if use_scaler else None
+        model = make_model(device=device)
+        scaler = torch.amp.GradScaler(device.type, init_scale=2.0**12) if use_scaler else None
         opt = make(name, model, grad_scaler=scaler)
 
         def closure_for(x, y):
             def closure():
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=False):
                     loss = F.cross_entropy(model(x), y)
                 (scaler.scale(loss) if scaler else loss).backward()
                 return loss
@@ -579,14 +580,14 @@ def test_grad_scaler_overflow_is_skipped_silently_and_lowers_the_scale():
     assert all("F" not in opt.state[p] for p in model.parameters())
 
 
-def test_autocast_bfloat16_closure_trains():
-    model = make_model()
+def test_autocast_bfloat16_closure_trains(device):
+    model = make_model(device=device)
     opt = flatmin.create("m-arwp", model, lr=0.1, momentum=0.9, seed=0)
-    b1, b2 = batches(2)
+    b1, b2 = batches(2, device=device)
 
     def closure_for(x, y):
         def closure():
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast(device.type, dtype=torch.bfloat16):
                 loss = F.cross_entropy(model(x), y)
             loss.backward()
             return loss
@@ -774,11 +775,12 @@ def test_create_takes_parameter_groups():
 
 @pytest.mark.parametrize("base", ["sgd", "adamw"])
 @pytest.mark.parametrize("name", ALL)
-def test_every_method_trains_with_sgd_and_adamw(name, base):
+def test_every_method_trains_with_sgd_and_adamw(name, base, device):
     torch.manual_seed(0)
     x = torch.randn(64, 6)
     y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
-    model = make_model()
+    x, y = x.to(device), y.to(device)
+    model = make_model(device=device)
     lr = 0.1 if base == "sgd" else 0.01
     extra = {} if name == "sgd" else {"seed": 0}
     opt = flatmin.create(name, model, base=base, lr=lr, **extra)

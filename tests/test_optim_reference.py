@@ -59,8 +59,8 @@ def ref_shrink(F_, w):
 
 
 def copy_generator(opt):
-    """A fresh generator in the state the optimizer's generator has now: it draws the same z."""
-    gen = torch.Generator()
+    """A fresh generator in the state the optimizer's generator has now (on its device): it draws the same z."""
+    gen = torch.Generator(device=opt.generator.device)
     gen.set_state(opt.generator.get_state())
     return gen
 
@@ -87,7 +87,8 @@ def draw_z(gen, tensors):
             runs.append([i])
     z = [None] * len(tensors)
     for run in runs:
-        flat = torch.randn(sum(tensors[i].numel() for i in run), generator=gen, dtype=tensors[run[0]].dtype)
+        flat = torch.randn(sum(tensors[i].numel() for i in run), generator=gen, dtype=tensors[run[0]].dtype,
+                           device=gen.device)
         for i, part in zip(run, flat.split([tensors[i].numel() for i in run])):
             z[i] = part.view(tensors[i].shape)
     return z
@@ -109,7 +110,7 @@ def eps_recorder(params, loss_fn, record):
 
 # ---------------------------------------------------------------- 1. noise statistics of RWP
 
-def test_rwp_noise_statistics_per_filter_and_per_tensor():
+def test_rwp_noise_statistics_per_filter_and_per_tensor(device):
     gen = torch.Generator().manual_seed(123)
     # 64 filters whose norms span four orders of magnitude: a global (not filter-wise) scale, or
     # a scale by the wrong norm, puts most filters far off a unit std.
@@ -121,7 +122,7 @@ def test_rwp_noise_statistics_per_filter_and_per_tensor():
     norm_w = 1.0 + 0.2 * torch.randn(16, generator=gen)  # a BatchNorm-like weight
     zero_conv = torch.zeros(4, 3, 3, 3)
     zero_vec = torch.zeros(7)
-    params = [nn.Parameter(t) for t in (conv, bias, norm_w, zero_conv, zero_vec)]
+    params = [nn.Parameter(t.to(device)) for t in (conv, bias, norm_w, zero_conv, zero_vec)]
     sigma = 0.05
     opt = flatmin.RWP(params, torch.optim.SGD, sigma=sigma, seed=0, lr=0.0)  # lr 0: w stays put
 
@@ -222,13 +223,13 @@ def test_rwp_eps_is_sigma_times_filter_norm_times_the_drawn_z(shapes, sigmas, ze
 
 @pytest.mark.parametrize("dtypes", [(torch.float32,) * 4, (torch.float64, torch.float32, torch.float64, torch.float32)],
                          ids=["f32", "mixed"])
-def test_rwp_eps_when_noise_is_redrawn_for_the_undo(dtypes):
+def test_rwp_eps_when_noise_is_redrawn_for_the_undo(dtypes, device):
     """Tensors above the 1 MiB floor: only the largest one's noise is kept, the others are drawn
     again for the undo. ε must still be σ·s(W)⊙z with z as documented, the weights must come back to
     a few ulp, and the generator must end where one draw of all the noise leaves it."""
     gen = torch.Generator().manual_seed(3)
     shapes = [(520, 500), (600,), (600, 500), (10, 600)]
-    params = [nn.Parameter(torch.randn(shape, generator=gen, dtype=dtype)) for shape, dtype in zip(shapes, dtypes)]
+    params = [nn.Parameter(torch.randn(shape, generator=gen, dtype=dtype).to(device)) for shape, dtype in zip(shapes, dtypes)]
     opt = flatmin.RWP(params, torch.optim.SGD, sigma=0.05, seed=11, lr=0.0)
     for _ in range(2):
         zgen = copy_generator(opt)
@@ -257,16 +258,15 @@ def small_mlp(dtype, seed=0):
     return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
 
 
-def make_batches(kind, dtype, n, seed=1):
+def make_batches(kind, dtype, n, seed=1, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     shape = (10, 2, 6, 6) if kind == "conv" else (10, 5)
-    return [
-        (torch.randn(shape, generator=gen).to(dtype), torch.randint(0, 3, (10,), generator=gen)) for _ in range(n)
-    ]
+    return [(torch.randn(shape, generator=gen).to(device, dtype), torch.randint(0, 3, (10,), generator=gen).to(device))
+            for _ in range(n)]
 
 
-def make_model(kind, dtype, seed=0):
-    return small_convnet(dtype, seed) if kind == "conv" else small_mlp(dtype, seed)
+def make_model(kind, dtype, seed=0, device="cpu"):
+    return (small_convnet(dtype, seed) if kind == "conv" else small_mlp(dtype, seed)).to(device)
 
 
 # Per parameter of small_convnet (conv weight, conv bias, linear weight, linear bias): its group.
@@ -281,8 +281,8 @@ GROUPINGS = {
 
 @pytest.mark.parametrize("grouping", list(GROUPINGS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_arwp_F_and_shrunk_noise_match_the_recorded_gradients(dtype, grouping):
-    model = small_convnet(dtype)
+def test_arwp_F_and_shrunk_noise_match_the_recorded_gradients(dtype, grouping, device):
+    model = small_convnet(dtype).to(device)
     params = list(model.parameters())
     hp = GROUPINGS[grouping]
     groups = [{"params": [p for p, h in zip(params, hp) if h is g], **g} for g in {id(h): h for h in hp}.values()]
@@ -291,7 +291,7 @@ def test_arwp_F_and_shrunk_noise_match_the_recorded_gradients(dtype, grouping):
     hp = [hp[next(i for i, q in enumerate(params) if q is p)] for p in order]
     params = order
     perturbed = [i for i, h in enumerate(hp) if h["sigma"] != 0]
-    batches = make_batches("conv", dtype, 5)
+    batches = make_batches("conv", dtype, 5, device=device)
     used_grads = []  # per step: the gradient the update used (.grad after the step)
     shrink_seen = 0.0
     for k, (x, y) in enumerate(batches):
@@ -337,17 +337,18 @@ def test_arwp_F_and_shrunk_noise_match_the_recorded_gradients(dtype, grouping):
 
 
 @pytest.mark.parametrize("method", ["rwp", "arwp"])
-def test_the_perturbed_weights_are_bit_identical_to_a_tensor_by_tensor_computation(method):
+def test_the_perturbed_weights_are_bit_identical_to_a_tensor_by_tensor_computation(method, device):
     """flatmin keeps the per-filter numbers of all tensors in flat buffers; the arithmetic must be
-    the same, op for op, as this plain float32 computation one tensor at a time."""
-    model = small_convnet(torch.float32)
+    the same, op for op, as this plain float32 computation one tensor at a time (on CUDA the norms of
+    1-D tensors come from one foreach call)."""
+    model = small_convnet(torch.float32).to(device)
     params = list(model.parameters())
     sigma, eta, beta = 0.05, 200.0, 0.9
     kw = {"eta": eta, "beta": beta} if method == "arwp" else {}
     cls = flatmin.ARWP if method == "arwp" else flatmin.RWP
     opt = cls(params, torch.optim.SGD, sigma=sigma, seed=3, lr=0.1, momentum=0.9, **kw)
     F_hand = None
-    for x, y in make_batches("conv", torch.float32, 4):
+    for x, y in make_batches("conv", torch.float32, 4, device=device):
         z = draw_z(copy_generator(opt), params)
         want = []
         for i, p in enumerate(params):
@@ -534,15 +535,15 @@ def max_rel_dev(got, want):
     return ((got.double() - want).abs().max() / want.abs().max()).item()
 
 
-def run_against_reference(method, kind, base, dtype=torch.float64, steps=4, wrong=None, **overrides):
+def run_against_reference(method, kind, base, dtype=torch.float64, steps=4, wrong=None, device="cpu", **overrides):
     """Run flatmin and the reference side by side for ``steps`` updates, comparing the weights
     (and ARWP's F) after every step. Returns the optimizer, the reference, the model and the
     largest deviation seen; with ``wrong`` (a deliberately wrong reference) nothing is asserted."""
-    model = make_model(kind, dtype)
+    model = make_model(kind, dtype, device=device)
     params = list(model.parameters())
     opt, hp = build(method, params, base, **overrides)
     ref = Reference(model, method, hp, base, wrong=wrong)
-    batches = make_batches(kind, dtype, 2 * steps)
+    batches = make_batches(kind, dtype, 2 * steps, device=device)
     tol = tolerance(method, dtype)
     worst = 0.0
     for k in range(steps):
@@ -571,8 +572,8 @@ def run_against_reference(method, kind, base, dtype=torch.float64, steps=4, wron
 @pytest.mark.parametrize("base", ["sgd", "adamw"])
 @pytest.mark.parametrize("kind", ["mlp", "conv"])
 @pytest.mark.parametrize("method", list(METHOD_HP))
-def test_update_matches_hand_written_reference(method, kind, base, dtype):
-    run_against_reference(method, kind, base, dtype=dtype)
+def test_update_matches_hand_written_reference(method, kind, base, dtype, device):
+    run_against_reference(method, kind, base, dtype=dtype, device=device)
 
 
 @pytest.mark.parametrize(
@@ -638,16 +639,16 @@ def test_m_rwp_matches_reference_for_any_lambda_and_sigma(lam, sigma, seed):
 
 
 @pytest.mark.parametrize("method", ["rwp", "arwp", "m-rwp", "m-arwp", "sam"])
-def test_zero_radius_is_exactly_the_base_optimizer(method):
+def test_zero_radius_is_exactly_the_base_optimizer(method, device):
     """σ = 0 (ρ = 0 for SAM) gives bit for bit torch.optim.SGD's step; the mixed methods get the
     same batch twice with λ = 0.5, so (1 − λ)·g + λ·g = g exactly."""
-    model = small_convnet(torch.float32)
+    model = small_convnet(torch.float32).to(device)
     twin = copy.deepcopy(model)
     radius = {"rho": 0.0} if method == "sam" else {"sigma": 0.0}
     extra = {"lam": 0.5} if method.startswith("m-") else {}
     opt, _ = build(method, list(model.parameters()), "sgd", **radius, **extra)
     plain = torch.optim.SGD(twin.parameters(), **SGD_HP)
-    for batch in make_batches("conv", torch.float32, 3):
+    for batch in make_batches("conv", torch.float32, 3, device=device):
         opt.step(closure_on(model, batch))
         plain.zero_grad()
         closure_on(twin, batch)()
@@ -658,16 +659,16 @@ def test_zero_radius_is_exactly_the_base_optimizer(method):
 
 @pytest.mark.parametrize("exact", [True, False])
 @pytest.mark.parametrize("method", ["rwp", "arwp"])
-def test_single_pass_update_is_the_base_step_with_the_perturbed_gradient(method, exact):
+def test_single_pass_update_is_the_base_step_with_the_perturbed_gradient(method, exact, device):
     """Restore w, then one base step with g(w + ε): a twin model stepped by torch.optim.SGD with the
     gradient recorded inside the closure matches bit for bit with exact_restore=True, and to a
     few ulp when the shift is undone in place."""
-    model = small_convnet(torch.float32)
+    model = small_convnet(torch.float32).to(device)
     twin = copy.deepcopy(model)
     params = list(model.parameters())
     opt, _ = build(method, params, "sgd", exact_restore=exact)
     plain = torch.optim.SGD(twin.parameters(), **SGD_HP)
-    for x, y in make_batches("conv", torch.float32, 4):
+    for x, y in make_batches("conv", torch.float32, 4, device=device):
         record = {}
         closure, _before = eps_recorder(params, lambda: F.cross_entropy(model(x), y), record)
         opt.step(closure)

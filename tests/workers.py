@@ -49,12 +49,14 @@ def launch(script: str, world: int, names: Sequence[str], out: Path, timeout: fl
     return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
 
 
-def serve(run: Callable[[DistEnv, List[str]], Dict], parallel: bool = False, timeout_s: float = 60) -> None:
+def serve(run: Callable[[DistEnv, List[str]], Dict], parallel: bool = False, timeout_s: float = 60,
+          device: str = "cpu") -> None:
     """The body of a worker process (its command line: the output folder, then scenario names): join
-    the group, ``run(env, names)``, save the result as ``rank{R}.pt`` and leave together."""
+    the group (gloo on the CPU, NCCL with ``device="cuda"``: GPU ``LOCAL_RANK``), ``run(env, names)``,
+    save the result as ``rank{R}.pt`` and leave together."""
     out, names = Path(sys.argv[1]), sys.argv[2:]
     torch.set_num_threads(1)
-    env = init_distributed("cpu", parallel=parallel, timeout=timedelta(seconds=timeout_s))
+    env = init_distributed(device, parallel=parallel, timeout=timedelta(seconds=timeout_s))
     try:
         torch.save(run(env, names), out / f"rank{env.rank}.pt")
         dist.barrier()  # no rank tears the group down while a peer still uses it

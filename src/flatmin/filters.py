@@ -26,6 +26,9 @@ from torch import Tensor
 from .sharding import is_sharded, local, shard_group, sum_over_shards
 
 SCALE_FLOOR = 1e-16
+# Devices where the norms of 1-D tensors are taken one call per tensor rather than by one foreach
+# call: on the CPU a foreach op is a loop over the tensors anyway (see ``FilterSlots.norms``).
+PER_TENSOR_NORM_DEVICES = {"cpu"}
 
 
 def is_filterwise(w: Tensor) -> bool:
@@ -67,6 +70,8 @@ class _Bucket:
         self.complex = self.dtype.is_complex
         if self.complex:
             self.dtype = self.dtype.to_real()
+        # A complex tensor's norm is written into a real number by the per-tensor call on any device.
+        self.per_tensor_norms = self.device.type in PER_TENSOR_NORM_DEVICES or self.complex
         counts = {i: values[i].shape[0] for i in self.filterwise}
         counts.update({i: values[i].numel() if per_element else 1 for i in self.whole})
         self.ranges: Dict[int, Tuple[int, int]] = {}
@@ -133,10 +138,9 @@ class FilterSlots:
                 torch.linalg.vector_norm(v, dim=dims, out=run)
             if bucket.whole:
                 whole = self._local(self.params, bucket.whole)
-                if bucket.device.type == "cpu" or bucket.complex:
+                if bucket.per_tensor_norms:
                     # A foreach op is a loop over the tensors on the CPU: one reduction per tensor,
-                    # written straight into its number, saves gathering the results afterwards
-                    # (and a complex tensor's norm is written into a real number this way anywhere).
+                    # written straight into its number, saves gathering the results afterwards.
                     for v, single in zip(whole, singles):
                         torch.linalg.vector_norm(v, out=single)
                 else:
