@@ -8,6 +8,7 @@ first such pass compiles a second graph, and from then on both graphs are reused
 
     PYTHONPATH=src python benchmarks/bench_compile.py                       # cnn on digits, inductor
     PYTHONPATH=src python benchmarks/bench_compile.py --model mlp --backend aot_eager --steps 20
+    PYTHONPATH=src python benchmarks/bench_compile.py --device cuda
 """
 from __future__ import annotations
 
@@ -43,11 +44,18 @@ def step(opt, model, x, y) -> None:
     opt.step(closure_on(model, x, y))
 
 
-def timed(opt, model, data) -> list:
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(opt, model, data, device: torch.device) -> list:
     times = []
     for x, y in data:
+        sync(device)
         start = time.perf_counter()
         step(opt, model, x, y)
+        sync(device)
         times.append(time.perf_counter() - start)
     return times
 
@@ -57,7 +65,8 @@ def measure(method: str, args: argparse.Namespace, with_model: bool) -> dict:
     counters.clear()
     guard_failures.clear()
     torch.manual_seed(0)
-    eager = create_model(args.model, 10, (1, 8, 8))
+    device = torch.device(args.device)
+    eager = create_model(args.model, 10, (1, 8, 8)).to(device)
     compiled_module = copy.deepcopy(eager)
     compiled = torch.compile(compiled_module, backend=args.backend)
     kw = {} if method == "sgd" else {"seed": 0}
@@ -66,12 +75,12 @@ def measure(method: str, args: argparse.Namespace, with_model: bool) -> dict:
     if not with_model and method != "sgd":
         opt_eager.model = opt_compiled.model = None  # every pass updates the running statistics
     g = torch.Generator().manual_seed(1)
-    data = [(torch.randn(args.batch, 1, 8, 8, generator=g), torch.randint(0, 10, (args.batch,), generator=g))
-            for _ in range(args.steps + 1)]
-    first = timed(opt_compiled, compiled, data[:1])[0]
-    compiled_times = timed(opt_compiled, compiled, data[1:])
-    timed(opt_eager, eager, data[:1])
-    eager_times = timed(opt_eager, eager, data[1:])
+    data = [(torch.randn(args.batch, 1, 8, 8, generator=g).to(device),
+             torch.randint(0, 10, (args.batch,), generator=g).to(device)) for _ in range(args.steps + 1)]
+    first = timed(opt_compiled, compiled, data[:1], device)[0]
+    compiled_times = timed(opt_compiled, compiled, data[1:], device)
+    timed(opt_eager, eager, data[:1], device)
+    eager_times = timed(opt_eager, eager, data[1:], device)
     diff = max((a.double() - b.double()).abs().max().item()
                for a, b in zip(eager.state_dict().values(), compiled_module.state_dict().values()))
     reasons = sorted({str(reason).split("#")[0].strip() for failures in guard_failures.values()
@@ -88,12 +97,17 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10, help="updates timed after the first (default: 10)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here")
     # Compile from scratch every time: Inductor's on-disk caches would make later methods look free.
     torch._inductor.config.fx_graph_cache = False
     torch._functorch.config.enable_autograd_cache = False
+    where = (f"cuda ({torch.cuda.get_device_name()})" if args.device == "cuda"
+             else f"cpu, {torch.get_num_threads()} threads")
     print(f"torch {torch.__version__}, {args.model}, batch {args.batch}, backend {args.backend}, "
-          f"{torch.get_num_threads()} threads; medians over {args.steps} updates after the first")
+          f"{where}; medians over {args.steps} updates after the first")
     print("1st update: its wall time, compilation of every graph it meets included; max |diff|: weights and "
           f"buffers, compiled vs eager, after {args.steps + 1} updates")
     print(f"{'method':<20} {'graphs':>6} {'recompiles':>10} {'1st update s':>12} {'compiled ms':>11} "
