@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import flatmin
+from flatmin.filters import FilterSlots
 
 SIGMA, ETA, BETA, LR, RHO = 0.05, 0.3, 0.9, 0.1, 0.2
 
@@ -166,6 +167,33 @@ def test_complex_and_real_parameters_in_one_model():
     assert opt.state[real]["F"].dtype == torch.float64 and opt.state[real]["F"].shape == (3,)
     assert opt.state[params[1]]["F"].shape == (3,) and not opt.state[params[1]]["F"].is_complex()
     assert all(torch.isfinite(p).all() for p in [*params, real])
+
+
+@pytest.mark.filterwarnings("ignore:Complex modules are a new feature")
+def test_a_grad_scaler_with_complex_parameters_is_refused_in_one_line():
+    """torch's GradScaler has no kernel to unscale complex gradients: refused at construction."""
+    model = nn.Linear(3, 2).to(torch.complex64)
+    for method in METHOD_HP:
+        with pytest.raises(ValueError, match="parameter 'weight' is complex .* GradScaler") as info:
+            flatmin.create(method, model, lr=0.1, grad_scaler=torch.amp.GradScaler("cpu"))
+        assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match=r"parameter #0 \(shape \(2, 3\)\) is complex"):
+        flatmin.RWP(model.parameters(), torch.optim.SGD, lr=0.1, grad_scaler=torch.amp.GradScaler("cpu"))
+
+
+def test_filter_sums_of_sparse_gradients_equal_the_dense_ones():
+    """Per-row sums of a sparse gradient with duplicate entries (summed first), and of a sparse 1-D one."""
+    rows = torch.sparse_coo_tensor(torch.tensor([[0, 3, 0, 5]]), torch.randn(4, 6, dtype=torch.float64), (7, 6),
+                                   check_invariants=True)
+    flat = torch.sparse_coo_tensor(torch.tensor([[1, 4, 1]]), torch.randn(3, dtype=torch.float64), (6,),
+                                   check_invariants=True)
+    slots = FilterSlots([rows.to_dense(), flat.to_dense()], per_element=True)
+    got = slots.sq_sums(slots.buffer(stats=True), [rows, flat]).views
+    want = slots.sq_sums(slots.buffer(stats=True), [rows.to_dense(), flat.to_dense()]).views
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=0)
+    assert float(want[0][0]) == pytest.approx(float((rows.to_dense()[0] ** 2).sum()))  # the duplicates, added
+    assert float(want[0][1]) == 0.0
 
 
 # ---------------------------------------------------------------- sparse gradients

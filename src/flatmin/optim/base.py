@@ -178,8 +178,22 @@ class WrappedOptimizer(torch.optim.Optimizer):
         self.defaults = {**self.base_optimizer.defaults, **defaults}
         self._grads_left: Optional[List[Tuple[Tensor, Optional[weakref.ref]]]] = None
         self._remember_grads()
+        if grad_scaler is not None:
+            self._refuse_complex_with_scaler()
         self.register_step_pre_hook(WrappedOptimizer._refuse_outside_grads)
         self.register_step_post_hook(WrappedOptimizer._remember_grads)
+
+    def _refuse_complex_with_scaler(self) -> None:
+        """torch's GradScaler cannot unscale a complex gradient (it has no kernel for it): say so now,
+        naming the parameter, rather than from inside the first step."""
+        names = {p: name for name, p in self.model.named_parameters()} if self.model is not None else {}
+        for i, p in enumerate(p for group in self.param_groups for p in group["params"]):
+            if p.is_complex():
+                name = repr(names[p]) if p in names else f"#{i} (shape {tuple(p.shape)})"
+                raise ValueError(
+                    f"parameter {name} is complex ({p.dtype}) and grad_scaler= is given: torch's GradScaler "
+                    "cannot unscale complex gradients; train complex parameters without a GradScaler (bf16 or fp32)"
+                )
 
     def _remember_grads(self, *hook_args: Any) -> None:
         """Note which ``.grad`` tensors are there now (weakly: ``zero_grad`` may free them)."""
