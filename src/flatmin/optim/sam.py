@@ -38,6 +38,7 @@ class SAM(WrappedOptimizer):
     """
 
     grads_per_step = 2
+    _complex = False  # whether any parameter is complex: ASAM's T is then |w| taken explicitly
 
     @property  # type: ignore[override]
     def method(self) -> str:
@@ -48,8 +49,6 @@ class SAM(WrappedOptimizer):
     ) -> None:
         check_range("rho", rho, 0.0, float("inf"), high_open=True)
         super().__init__(params, base_optimizer, {"rho": rho, "adaptive": bool(adaptive)}, **kwargs)
-
-    _complex = False  # whether any parameter is complex: ASAM's T is then |w| taken explicitly
 
     def _check_group(self, group: Dict[str, Any]) -> None:
         check_range("rho", group["rho"], 0.0, float("inf"), high_open=True)
