@@ -138,10 +138,12 @@ class NRSLoss:
             module docstring.
         divergence: ``"kl"`` = ``KL(p_w ‖ p_{w+ε})``, ``"reverse-kl"`` = ``KL(p_{w+ε} ‖ p_w)``,
             ``"symmetric"`` = their average.
-        seed / generator: where the noise comes from; give at most one. Without either, a seed is
-            drawn from torch's global generator (so ``torch.manual_seed`` makes runs repeatable). The
-            default generator lives on the CPU and the draws are moved to the weights' device; pass a
-            CUDA ``generator`` to draw on the GPU.
+        seed: seed of the generator the noise comes from; give at most one of ``seed`` and
+            ``generator``. Without either, a seed is drawn from torch's global generator (so
+            ``torch.manual_seed`` makes runs repeatable). That generator lives on the CPU and the
+            draws are moved to the weights' device.
+        generator: a ``torch.Generator`` to draw the noise from instead; pass a CUDA one to draw
+            on the GPU.
 
     After each call, ``last_output`` (the clean model output), ``last_base_loss`` and
     ``last_divergence`` hold detached copies of what was computed (``last_divergence`` is ``None``
