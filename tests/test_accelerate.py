@@ -170,7 +170,7 @@ def test_two_processes_give_the_single_process_update(two_processes, scenario):
         assert_same_model(got, want, atol=1e-10)
 
 
-def test_readme_accelerate_example_runs_in_two_processes(two_processes):
+def test_documented_accelerate_example_runs_in_two_processes(two_processes):
     # The weights stay identical on both workers (each keeps its own BatchNorm statistics, as in DDP).
     first, second = (result["readme"] for result in two_processes)
     assert first.keys() == second.keys()

@@ -33,7 +33,7 @@ def test_a_compiled_model_trains_as_the_eager_one_and_recompiles_at_most_once(na
     assert all("track_running_stats" in r for r in reasons)
 
 
-def test_readme_compile_example_runs(monkeypatch):
+def test_documented_compile_example_runs(monkeypatch):
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, backend="aot_eager", **kw))
     namespace = {}

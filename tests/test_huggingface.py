@@ -197,7 +197,7 @@ def test_bad_arguments_are_named(tmp_path):
         trainer.train()
 
 
-def test_readme_huggingface_example_runs(tmp_path, monkeypatch):
+def test_documented_huggingface_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace = {}
     exec(docs_example("huggingface"), namespace)

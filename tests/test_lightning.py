@@ -170,7 +170,7 @@ def test_manual_step_needs_manual_optimization():
         manual_step(module, batches(1)[0], 0, module.loss)
 
 
-def test_readme_lightning_examples_run():
+def test_documented_lightning_examples_run():
     namespace = {}
     exec(docs_example("lightning"), namespace)
     exec(docs_example("lightning-pairs"), namespace)

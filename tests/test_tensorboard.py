@@ -77,7 +77,7 @@ def test_an_unknown_log_is_named(tmp_path, capsys):
     assert "unknown log 'wandb': choose one of tensorboard" in capsys.readouterr().err
 
 
-def test_readme_tensorboard_example_runs(tmp_path, monkeypatch):
+def test_documented_tensorboard_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     commands = [shlex.split(line) for line in docs_example("tensorboard").splitlines() if line.startswith("flatmin ")]
     assert commands
