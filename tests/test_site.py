@@ -145,3 +145,53 @@ def test_every_python_block_runs(path, code, marker, tmp_path, monkeypatch):
         return
     monkeypatch.chdir(tmp_path)
     exec(compile(code, f"{path.name} block", "exec"), {"__name__": "__docs__"})
+
+
+API_MODULES = ["flatmin", "flatmin.analysis", "flatmin.distributed", "flatmin.distributed.fsdp", "flatmin.losses",
+               "flatmin.diagnostics", "flatmin.integrations", "flatmin.integrations.lightning",
+               "flatmin.integrations.huggingface"]
+
+
+def public_callables():
+    """(qualified name, function, its own docstring) for every public class and function of the API
+    reference, with the public methods each class defines (and those of flatmin's optimizer base)."""
+    import importlib
+    from flatmin.optim.base import WrappedOptimizer
+    for module_name in API_MODULES:
+        module = importlib.import_module(module_name)
+        names = getattr(module, "__all__", None) or [
+            name for name, obj in vars(module).items()
+            if not name.startswith("_") and getattr(obj, "__module__", None) == module_name]
+        for name in names:
+            obj = getattr(module, name)
+            if inspect.isfunction(obj):
+                yield f"{module_name}.{name}", obj, obj.__doc__
+            elif inspect.isclass(obj):
+                yield f"{module_name}.{name}", obj, obj.__doc__
+                for klass in [obj] + ([WrappedOptimizer] if issubclass(obj, WrappedOptimizer) else []):
+                    for attr, member in vars(klass).items():
+                        if inspect.isfunction(member) and (not attr.startswith("_") or attr == "__call__"):
+                            yield f"{module_name}.{name}.{attr}", member, member.__doc__
+
+
+def test_every_public_name_documents_its_arguments_and_what_it_returns():
+    problems = []
+    for name, obj, doc in public_callables():
+        if not (doc or "").strip():
+            problems.append(f"{name}: no docstring")
+            continue
+        function = obj.__init__ if inspect.isclass(obj) else obj
+        if not inspect.isfunction(function):  # an exception's message: nothing of flatmin's to describe
+            continue
+        signature = inspect.signature(function)
+        for parameter in signature.parameters.values():
+            if parameter.name in ("self", "cls"):
+                continue
+            stars = {parameter.VAR_POSITIONAL: r"\*", parameter.VAR_KEYWORD: r"\*\*"}.get(parameter.kind, "")
+            if not re.search(rf"^\s*(- )?(``)?{stars}{parameter.name}(``)?:", doc, re.M):
+                problems.append(f"{name}: argument {parameter.name} is not described")
+        returns = signature.return_annotation
+        if not inspect.isclass(obj) and returns not in (None, "None", inspect.Signature.empty):
+            if not re.search(r"^\s*Returns:", doc, re.M):
+                problems.append(f"{name}: no Returns section")
+    assert not problems, "\n".join(problems)
