@@ -44,8 +44,8 @@ def cell(text: str) -> str:
 
 def section(parser: argparse.ArgumentParser) -> str:
     formatter = parser._get_formatter()
-    positionals = [a for a in parser._actions if not a.option_strings and not isinstance(a, argparse._SubParsersAction)]
-    usage = " ".join([parser.prog, *(formatter._format_args(a, a.dest) for a in positionals), "[OPTIONS]"])
+    positionals = [a for a in parser._actions if not a.option_strings]
+    usage = " ".join([parser.prog, "[OPTIONS]", *(formatter._format_args(a, a.dest) for a in positionals)])
     lines = [f"## {parser.prog}", "", f"`{usage}`", ""]
     if parser.description:
         lines += [parser.description, ""]
