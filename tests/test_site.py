@@ -119,34 +119,6 @@ def test_the_command_reference_lists_every_flag_of_every_command(site):
                 assert re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", text), f"{parser.prog}: {name}"
 
 
-def python_blocks():
-    """Every ```python block of the site's pages and the README: (path, line, code, marker above it)."""
-    for path in [*PAGES, ROOT / "README.md"]:
-        text = path.read_text()
-        for match in re.finditer(r"^```python\n(.*?)^```", text, re.S | re.M):
-            before = text[:match.start()].rstrip().splitlines()
-            marker = before[-1].strip() if before else ""
-            yield pytest.param(path, match.group(1), marker, id=f"{path.relative_to(ROOT)}:{text.count(chr(10), 0, match.start()) + 1}")
-
-
-@pytest.mark.parametrize("path, code, marker", list(python_blocks()))
-def test_every_python_block_runs(path, code, marker, tmp_path, monkeypatch):
-    """Each block runs on its own, in a fresh namespace and an empty folder, unless it is marked
-    ``<!-- not run: REASON -->`` (a GPU, a cluster) or ``<!-- example: NAME -->``, run by the test of
-    its integration (which reads it with ``docs_example("NAME")``)."""
-    not_run = re.fullmatch(r"<!-- not run: (.*) -->", marker)
-    if not_run:
-        assert not_run.group(1).strip(), f"{path.name}: a block not run needs a reason"
-        pytest.skip(f"not run: {not_run.group(1)}")
-    example = re.fullmatch(r"<!-- example: (\S+) -->", marker)
-    if example:
-        callers = [test for test in (ROOT / "tests").glob("test_*.py") if f'docs_example("{example.group(1)}")' in test.read_text()]
-        assert callers, f"no test runs the example {example.group(1)!r}"
-        return
-    monkeypatch.chdir(tmp_path)
-    exec(compile(code, f"{path.name} block", "exec"), {"__name__": "__docs__"})
-
-
 API_MODULES = ["flatmin", "flatmin.analysis", "flatmin.distributed", "flatmin.distributed.fsdp", "flatmin.losses",
                "flatmin.diagnostics", "flatmin.integrations", "flatmin.integrations.lightning",
                "flatmin.integrations.huggingface"]
@@ -172,6 +144,64 @@ def public_callables():
                     for attr, member in vars(klass).items():
                         if inspect.isfunction(member) and (not attr.startswith("_") or attr == "__call__"):
                             yield f"{module_name}.{name}.{attr}", member, member.__doc__
+
+
+def python_blocks():
+    """Every ```python block of the site: its pages, the README and the docstrings of the API
+    reference, as (where, code, the line above it, the module of the docstring or None)."""
+    sources = [(str(path.relative_to(ROOT)), path.read_text(), None) for path in [*PAGES, ROOT / "README.md"]]
+    sources += [(name, inspect.cleandoc(doc), obj.__module__) for name, obj, doc in public_callables() if doc]
+    for where, text, module in sources:
+        for match in re.finditer(r"^```python\n(.*?)^```", text, re.S | re.M):
+            before = text[:match.start()].rstrip().splitlines()
+            marker = before[-1].strip() if before else ""
+            line = text.count("\n", 0, match.start()) + 1
+            yield pytest.param(where, match.group(1), marker, module, id=f"{where}:{line}")
+
+
+def docstring_context() -> dict:
+    """What a docstring's example takes as given, as its prose says: a small ``model`` with BatchNorm,
+    batches ``x, y`` (and ``x1, y1``, ``x2, y2``), a ``loader`` of them, ``closure_on(x, y)`` and
+    ``closure`` (forward, backward, return the loss), a plain optimizer ``opt`` and a ``correct`` count."""
+    import torch
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    (x1, y1), (x2, y2) = [(torch.randn(12, 8), torch.randint(0, 3, (12,))) for _ in range(2)]
+
+    def closure_on(x, y):
+        def closure():
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+        return closure
+
+    return {"torch": torch, "F": F, "flatmin": flatmin, "model": model, "x": x1, "y": y1, "x1": x1, "y1": y1,
+            "x2": x2, "y2": y2, "loader": [(x1, y1), (x2, y2)], "closure_on": closure_on,
+            "closure": closure_on(x1, y1), "opt": torch.optim.SGD(model.parameters(), lr=0.1), "correct": 0}
+
+
+@pytest.mark.parametrize("where, code, marker, module", list(python_blocks()))
+def test_every_python_block_runs(where, code, marker, module, tmp_path, monkeypatch):
+    """Each block runs on its own, in a fresh namespace and an empty folder (a docstring's with
+    what its prose takes as given, and its module's names), unless it is marked
+    ``<!-- not run: REASON -->`` (a GPU, a cluster) or ``<!-- example: NAME -->``, run by the test of
+    its integration (which reads it with ``docs_example("NAME")``)."""
+    not_run = re.fullmatch(r"<!-- not run: (.*) -->", marker)
+    if not_run:
+        assert not_run.group(1).strip(), f"{where}: a block not run needs a reason"
+        pytest.skip(f"not run: {not_run.group(1)}")
+    example = re.fullmatch(r"<!-- example: (\S+) -->", marker)
+    if example:
+        callers = [test for test in (ROOT / "tests").glob("test_*.py") if f'docs_example("{example.group(1)}")' in test.read_text()]
+        assert callers, f"no test runs the example {example.group(1)!r}"
+        return
+    monkeypatch.chdir(tmp_path)
+    namespace = {"__name__": "__docs__"}
+    if module:
+        namespace.update({k: v for k, v in vars(sys.modules[module]).items() if not k.startswith("__")})
+        namespace.update(docstring_context())
+    exec(compile(code, f"{where} block", "exec"), namespace)
 
 
 def test_every_public_name_documents_its_arguments_and_what_it_returns():

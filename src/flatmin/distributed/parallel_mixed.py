@@ -89,6 +89,7 @@ class ParallelMixedStep:
 
     Example (``torchrun --nproc-per-node 2 train.py``):
 
+    <!-- not run: needs torchrun with two processes -->
     ```python
     env = init_distributed(parallel=True)
     opt = flatmin.MARWP(model.parameters(), torch.optim.SGD, model=model, seed=0, lr=0.1)

@@ -40,6 +40,7 @@ class FlatminMixedPrecision(MixedPrecision):
     steps through this plugin's ``GradScaler`` (it becomes the optimizer's ``grad_scaler``) and the
     scaler is updated once per update. Other optimizers take Lightning's usual path.
 
+    <!-- not run: needs CUDA (16-mixed) -->
     ```python
     trainer = L.Trainer(plugins=[FlatminMixedPrecision("16-mixed", device="cuda")], ...)
     ```
