@@ -125,8 +125,9 @@ API_MODULES = ["flatmin", "flatmin.analysis", "flatmin.distributed", "flatmin.di
 
 
 def public_callables():
-    """(qualified name, function, its own docstring) for every public class and function of the API
-    reference, with the public methods each class defines (and those of flatmin's optimizer base)."""
+    """(qualified name, object, its own docstring, its name in its class) for every public class and
+    function of the API reference, with the public methods each class defines (and those of
+    flatmin's optimizer base)."""
     import importlib
     from flatmin.optim.base import WrappedOptimizer
     for module_name in API_MODULES:
@@ -137,20 +138,20 @@ def public_callables():
         for name in names:
             obj = getattr(module, name)
             if inspect.isfunction(obj):
-                yield f"{module_name}.{name}", obj, obj.__doc__
+                yield f"{module_name}.{name}", obj, obj.__doc__, name
             elif inspect.isclass(obj):
-                yield f"{module_name}.{name}", obj, obj.__doc__
+                yield f"{module_name}.{name}", obj, obj.__doc__, name
                 for klass in [obj] + ([WrappedOptimizer] if issubclass(obj, WrappedOptimizer) else []):
                     for attr, member in vars(klass).items():
                         if inspect.isfunction(member) and (not attr.startswith("_") or attr == "__call__"):
-                            yield f"{module_name}.{name}.{attr}", member, member.__doc__
+                            yield f"{module_name}.{name}.{attr}", member, member.__doc__, f"{klass.__name__}.{attr}"
 
 
 def python_blocks():
     """Every ```python block of the site: its pages, the README and the docstrings of the API
     reference, as (where, code, the line above it, the module of the docstring or None)."""
     sources = [(str(path.relative_to(ROOT)), path.read_text(), None) for path in [*PAGES, ROOT / "README.md"]]
-    sources += [(name, inspect.cleandoc(doc), obj.__module__) for name, obj, doc in public_callables() if doc]
+    sources += [(name, inspect.cleandoc(doc), obj.__module__) for name, obj, doc, _ in public_callables() if doc]
     for where, text, module in sources:
         for match in re.finditer(r"^```python\n(.*?)^```", text, re.S | re.M):
             before = text[:match.start()].rstrip().splitlines()
@@ -206,7 +207,7 @@ def test_every_python_block_runs(where, code, marker, module, tmp_path, monkeypa
 
 def test_every_public_name_documents_its_arguments_and_what_it_returns():
     problems = []
-    for name, obj, doc in public_callables():
+    for name, obj, doc, _ in public_callables():
         if not (doc or "").strip():
             problems.append(f"{name}: no docstring")
             continue
@@ -225,3 +226,9 @@ def test_every_public_name_documents_its_arguments_and_what_it_returns():
             if not re.search(r"^\s*Returns:", doc, re.M):
                 problems.append(f"{name}: no Returns section")
     assert not problems, "\n".join(problems)
+
+
+def test_the_api_reference_has_every_public_name(site):
+    anchors = {anchor for page in (site / "api").rglob("*.html") for anchor in re.findall(r'id="(flatmin\.[^"]+)"', page.read_text())}
+    missing = [name for name, _, _, tail in public_callables() if not any(a == tail or a.endswith("." + tail) for a in anchors)]
+    assert not missing, missing
