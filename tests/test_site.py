@@ -232,3 +232,12 @@ def test_the_api_reference_has_every_public_name(site):
     anchors = {anchor for page in (site / "api").rglob("*.html") for anchor in re.findall(r'id="(flatmin\.[^"]+)"', page.read_text())}
     missing = [name for name, _, _, tail in public_callables() if not any(a == tail or a.endswith("." + tail) for a in anchors)]
     assert not missing, missing
+
+
+def test_the_api_reference_links_its_citations_of_the_methods_page(site):
+    ids = set(re.findall(r'id="([^"]+)"', (site / "algorithms" / "index.html").read_text()))
+    marwp = section((site / "api" / "optimizers" / "index.html").read_text(), "flatmin.MARWP")
+    assert 'href="../../algorithms/#m-rwp-and-m-arwp"' in marwp
+    for page in (site / "api").rglob("*.html"):
+        for target in re.findall(r'href="\.\./\.\./algorithms/#([^"]+)"', page.read_text()):
+            assert target in ids, f"{page}: no section {target}"
