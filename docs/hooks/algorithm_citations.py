@@ -1,5 +1,5 @@
-"""MkDocs hook: in the API reference, the docstrings' citations of the methods page,
-``docs/algorithms.md, "Section"``, become links to that section of the site.
+"""MkDocs hook: in the API reference, the docstrings' citations of the methods page (its path, a
+comma and the section's title in double quotes) become links to that section of the site.
 
 A citation names a section by the start of its heading (tests/test_docs.py checks that it exists);
 one that matches no heading is left as plain text.
