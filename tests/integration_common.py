@@ -1,5 +1,5 @@
 """What the framework tests share: a small model with BatchNorm, fixed batches, the direct-API
-update they are compared with, and the README's examples."""
+update they are compared with, and the documentation's examples."""
 import re
 from pathlib import Path
 
@@ -12,7 +12,7 @@ import flatmin
 METHODS = ["sgd", "sam", "asam", "rwp", "arwp", "m-rwp", "m-arwp"]
 HP = {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3}
 BATCH = 12
-README = Path(__file__).resolve().parents[1] / "README.md"
+DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
 def make_body() -> nn.Module:
@@ -83,9 +83,9 @@ def assert_same_model(got: nn.Module, want: nn.Module, atol: float = 1e-6) -> No
                                    msg=lambda message: f"{key}: {message}")
 
 
-def readme_example(name: str) -> str:
-    """The code block that follows ``<!-- example: name -->`` in the README."""
-    text = README.read_text()
-    match = re.search(rf"<!-- example: {re.escape(name)} -->\s*```\w*\n(.*?)```", text, re.S)
-    assert match, f"README.md has no example marked {name!r}"
-    return match.group(1)
+def docs_example(name: str) -> str:
+    """The code block that follows ``<!-- example: name -->`` in a page of the documentation (docs/)."""
+    found = [match.group(1) for page in sorted(DOCS.rglob("*.md"))
+             for match in re.finditer(rf"<!-- example: {re.escape(name)} -->\s*```\w*\n(.*?)```", page.read_text(), re.S)]
+    assert len(found) == 1, f"docs/ has {len(found)} examples marked {name!r}, not one"
+    return found[0]

@@ -1,4 +1,4 @@
-"""flatmin under Hugging Face Accelerate, the README's way (the model prepared, the flatmin optimizer
+"""flatmin under Hugging Face Accelerate, the documented way (the model prepared, the flatmin optimizer
 stepped itself, ``accelerator.backward`` in the closure, Accelerate's GradScaler as its
 ``grad_scaler``) and with the optimizer prepared too: the direct API's update for every method
 (BatchNorm statistics included), also through the scaler, and in two real processes (torchrun,
@@ -20,7 +20,7 @@ from torch import nn
 from accelerate import Accelerator
 
 from integration_common import (BATCH, HP, METHODS, assert_same_model, batches, create, direct, make_body,
-                                readme_example)
+                                docs_example)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 TWO_PROCESS = ["sgd", "rwp", "m-arwp", "m-arwp scaler", "sam"]
@@ -55,7 +55,7 @@ def accelerate_run(name, model, accelerator, steps, prepare_optimizer=False):
     return accelerator.unwrap_model(model)
 
 
-@pytest.mark.parametrize("prepare_optimizer", [False, True], ids=["README recipe", "optimizer prepared"])
+@pytest.mark.parametrize("prepare_optimizer", [False, True], ids=["documented recipe", "optimizer prepared"])
 @pytest.mark.parametrize("name", METHODS)
 def test_each_update_equals_the_direct_update(name, prepare_optimizer):
     model = accelerate_run(name, make_body(), Accelerator(cpu=True), batches(2), prepare_optimizer)
@@ -98,7 +98,7 @@ def worker(out: Path) -> None:
         runner = lend_cpu_scaler(Accelerator(cpu=True)) if scaled else accelerator
         results[scenario] = accelerate_run(name, plain_model(), runner, mine).state_dict()
     namespace = {}
-    exec(readme_example("accelerate"), namespace)
+    exec(docs_example("accelerate"), namespace)
     results["readme"] = {k: v.detach().clone() for k, v in namespace["model"].named_parameters()}
     torch.save(results, out / f"rank{rank}.pt")
     torch.distributed.barrier()
@@ -170,7 +170,7 @@ def test_two_processes_give_the_single_process_update(two_processes, scenario):
         assert_same_model(got, want, atol=1e-10)
 
 
-def test_readme_accelerate_example_runs_in_two_processes(two_processes):
+def test_documented_accelerate_example_runs_in_two_processes(two_processes):
     # The weights stay identical on both workers (each keeps its own BatchNorm statistics, as in DDP).
     first, second = (result["readme"] for result in two_processes)
     assert first.keys() == second.keys()

@@ -6,7 +6,7 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters, guard_failures
 
-from integration_common import assert_same_model, batches, closure_on, create, direct, make_body, readme_example
+from integration_common import assert_same_model, batches, closure_on, create, direct, make_body, docs_example
 
 
 @pytest.fixture(autouse=True)
@@ -33,9 +33,9 @@ def test_a_compiled_model_trains_as_the_eager_one_and_recompiles_at_most_once(na
     assert all("track_running_stats" in r for r in reasons)
 
 
-def test_readme_compile_example_runs(monkeypatch):
+def test_documented_compile_example_runs(monkeypatch):
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, backend="aot_eager", **kw))
     namespace = {}
-    exec(readme_example("compile"), namespace)
+    exec(docs_example("compile"), namespace)
     assert counters["stats"]["unique_graphs"] == 2  # SAM with BatchNorm: the second pass's graph

@@ -14,7 +14,7 @@ from transformers import TrainerCallback, TrainingArguments
 import flatmin
 from flatmin.integrations.huggingface import FlatminTrainer
 from integration_common import (BATCH, HP, METHODS, assert_same_model, batches, closure_on, create, data, direct,
-                                make_body, readme_example)
+                                make_body, docs_example)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -197,8 +197,8 @@ def test_bad_arguments_are_named(tmp_path):
         trainer.train()
 
 
-def test_readme_huggingface_example_runs(tmp_path, monkeypatch):
+def test_documented_huggingface_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace = {}
-    exec(readme_example("huggingface"), namespace)
+    exec(docs_example("huggingface"), namespace)
     assert namespace["trainer"].state.global_step > 0

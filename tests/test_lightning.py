@@ -11,7 +11,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 
 from flatmin.integrations.lightning import FlatminMixedPrecision, manual_step
 from integration_common import (BATCH, METHODS, assert_same_model, batches, create, data, direct, direct_pairs,
-                                make_body, readme_example)
+                                make_body, docs_example)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore:.*LeafSpec.*")
 QUIET = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -170,8 +170,8 @@ def test_manual_step_needs_manual_optimization():
         manual_step(module, batches(1)[0], 0, module.loss)
 
 
-def test_readme_lightning_examples_run():
+def test_documented_lightning_examples_run():
     namespace = {}
-    exec(readme_example("lightning"), namespace)
-    exec(readme_example("lightning-pairs"), namespace)
+    exec(docs_example("lightning"), namespace)
+    exec(docs_example("lightning-pairs"), namespace)
     assert namespace["trainer"].global_step > 0

@@ -10,7 +10,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from flatmin.cli import main
-from integration_common import readme_example
+from integration_common import docs_example
 
 QUICK = ["--data", "digits", "--batch-size", "256", "--progress", "none"]
 
@@ -77,9 +77,9 @@ def test_an_unknown_log_is_named(tmp_path, capsys):
     assert "unknown log 'wandb': choose one of tensorboard" in capsys.readouterr().err
 
 
-def test_readme_tensorboard_example_runs(tmp_path, monkeypatch):
+def test_documented_tensorboard_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    commands = [shlex.split(line) for line in readme_example("tensorboard").splitlines() if line.startswith("flatmin ")]
+    commands = [shlex.split(line) for line in docs_example("tensorboard").splitlines() if line.startswith("flatmin ")]
     assert commands
     for command in commands:
         assert main(command[1:] + ["--progress", "none"]) == 0

@@ -36,6 +36,13 @@ def _has_storage(t: Any) -> bool:
 class StepTracker(TorchDispatchMode):
     """Dispatched ops and live tensor storage while active, split into the closures' and the rest.
 
+    ```python
+    tracker = StepTracker()
+    with tracker:
+        opt.step(tracker.closure(closure))
+    tracker.own_ops, tracker.peak_bytes, tracker.own_peak_bytes
+    ```
+
     Attributes:
         own_op_counts: ops dispatched outside the closures, by name.
         closure_ops: how many ops the closures dispatched.
@@ -60,7 +67,14 @@ class StepTracker(TorchDispatchMode):
         return sum(self.own_op_counts.values())
 
     def closure(self, fn: Callable[[], Any]) -> Callable[[], Any]:
-        """``fn`` with its work attributed to the closures."""
+        """``fn`` with its work attributed to the closures.
+
+        Args:
+            fn: a closure (or any function of no arguments).
+
+        Returns:
+            A function that calls ``fn`` and returns what it returns.
+        """
 
         def wrapped() -> Any:
             self._depth += 1

@@ -23,6 +23,17 @@ def frozen_norm_stats(model: Optional[nn.Module]) -> Iterator[None]:
     BatchNorm layers (SyncBatchNorm included) are switched to ``track_running_stats=False`` for the
     block, which skips the update exactly; InstanceNorm layers that track statistics update them
     unconditionally in training mode, so their buffers are saved and copied back. ``None`` is a no-op.
+
+    ```python
+    with flatmin.frozen_norm_stats(model):
+        loss = F.cross_entropy(model(x2), y2)   # batch statistics, running statistics untouched
+    ```
+
+    Args:
+        model: the model whose normalisation layers to freeze, or ``None``.
+
+    Returns:
+        A context manager; on leaving it (also by an exception) the layers are as before.
     """
     if model is None:
         yield

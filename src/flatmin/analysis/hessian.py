@@ -54,6 +54,23 @@ def hessian_eigenvalues(
 
     A single Lanczos vector sees one copy of a repeated eigenvalue; further copies are found only
     when the Krylov space is exhausted (the run then restarts from a fresh random vector).
+
+    Args:
+        model: the trained model; it is left as it was found (weights, buffers, train/eval mode).
+        loss_fn: ``loss_fn(model(x), y)`` gives the mean loss of a batch (``F.cross_entropy``).
+        batches: ``(x, y)`` pairs; ``L(w)`` is the mean of the loss over them.
+        k: how many eigenvalues, ``1 <= k <= iters``.
+        iters: the most Lanczos steps.
+        tol: the relative tolerance of the stopping rule, ``> 0``.
+        seed: seeds the random start vector, so a call repeats exactly.
+        progress: show a progress bar.
+
+    Returns:
+        The ``k`` largest eigenvalues, largest first.
+
+    Raises:
+        ValueError: no batch, ``k`` or ``iters`` or ``tol`` out of range, or ``k`` larger than the
+            number of parameters.
     """
     batches = materialize(batches)
     if k < 1 or iters < k:
@@ -105,6 +122,20 @@ def hessian_trace(
 
     Rademacher probes have the smallest variance among the usual ones:
     ``Var(zᵀHz) = 2 Σ_{i≠j} H_ij²``.
+
+    Args:
+        model: the trained model; it is left as it was found (weights, buffers, train/eval mode).
+        loss_fn: ``loss_fn(model(x), y)`` gives the mean loss of a batch (``F.cross_entropy``).
+        batches: ``(x, y)`` pairs; ``L(w)`` is the mean of the loss over them.
+        probes: the number ``P >= 2`` of probe vectors.
+        seed: seeds the random probes, so a call repeats exactly.
+        progress: show a progress bar.
+
+    Returns:
+        ``(trace, standard_error)``.
+
+    Raises:
+        ValueError: no batch, or ``probes < 2``.
     """
     batches = materialize(batches)
     if probes < 2:
@@ -149,8 +180,24 @@ def hessian_density(
     ``sigma`` defaults to 1% of the Ritz values' range. ``grid`` is a number of points, spread over
     that range plus 6σ on each side (so the mass outside it is below 1e-8), or the points themselves.
 
-    Returns ``grid``, ``density`` (lists), ``sigma``, ``dim`` and the raw ``ritz_values`` and
-    ``ritz_weights`` (one list per probe).
+    Args:
+        model: the trained model; it is left as it was found (weights, buffers, train/eval mode).
+        loss_fn: ``loss_fn(model(x), y)`` gives the mean loss of a batch (``F.cross_entropy``).
+        batches: ``(x, y)`` pairs; ``L(w)`` is the mean of the loss over them.
+        probes: the number ``P >= 1`` of probe vectors.
+        steps: Lanczos steps per probe, ``m >= 1``.
+        seed: seeds the random probes, so a call repeats exactly.
+        grid: the number of points to evaluate ``φ`` at, or the points themselves.
+        sigma: the width of the Gaussian broadening; ``None``: 1% of the Ritz values' range.
+        probe: ``"rademacher"`` or ``"gaussian"``.
+        progress: show a progress bar.
+
+    Returns:
+        ``grid``, ``density`` (lists), ``sigma``, ``dim`` and the raw ``ritz_values`` and
+        ``ritz_weights`` (one list per probe).
+
+    Raises:
+        ValueError: no batch, ``probes`` or ``steps`` below 1, or an unknown ``probe``.
     """
     batches = materialize(batches)
     if probes < 1 or steps < 1:

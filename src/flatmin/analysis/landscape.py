@@ -48,6 +48,18 @@ def filter_normalized_direction(model: nn.Module, seed: int, include_1d: bool = 
     ``||d_i|| = ||W_i||`` for every filter ``i`` (and ``d = 0`` on 1-D parameters unless ``include_1d``).
 
     ``seed`` fixes the direction (drawn on the CPU, so it is the same on every device).
+
+    Args:
+        model: the model whose trainable parameters give the filter norms.
+        seed: seeds the draw.
+        include_1d: give 1-D parameters (biases, normalisation weights) a direction as well, of
+            the tensor's norm, instead of 0.
+
+    Returns:
+        The direction, one tensor per trainable parameter name, of the parameter's shape.
+
+    Raises:
+        ValueError: ``model`` has no trainable parameters.
     """
     return _direction(model, torch.Generator().manual_seed(seed), include_1d)
 
@@ -88,8 +100,23 @@ def landscape_1d(
     """``L(w + α d)`` and the accuracy for ``steps`` values of ``α`` evenly over ``span`` (an odd
     ``steps`` with a symmetric span includes ``α = 0``, the trained weights).
 
-    ``d = filter_normalized_direction(model, seed, include_1d)``. Returns ``alphas``, ``loss`` and
-    ``accuracy`` (lists; ``accuracy`` is ``None`` without class labels).
+    ``d = filter_normalized_direction(model, seed, include_1d)``.
+
+    Args:
+        model: the trained model; it is left as it was found.
+        loss_fn: ``loss_fn(model(x), y)`` gives the mean loss of a batch.
+        batches: ``(x, y)`` pairs; the loss is their mean.
+        steps: the number of points, ``>= 2``.
+        span: ``(low, high)``, the range of ``α``.
+        seed: seeds the direction.
+        include_1d: perturb 1-D parameters too (see `filter_normalized_direction`).
+        progress: show a progress bar.
+
+    Returns:
+        ``alphas``, ``loss`` and ``accuracy`` (lists; ``accuracy`` is ``None`` without class labels).
+
+    Raises:
+        ValueError: no batch, ``steps < 2`` or a ``span`` that is not two finite numbers, low < high.
     """
     batches = materialize(batches)
     alphas = _axis(span, steps)
@@ -120,8 +147,24 @@ def landscape_2d(
 
     ``d`` and ``e`` are two consecutive draws from one generator seeded with ``seed`` (``d`` is
     the direction of ``landscape_1d`` with the same seed). In high dimension they are nearly
-    orthogonal, so they are used as drawn. Returns ``alphas``, ``betas`` and the grids ``loss``
-    and ``accuracy`` with ``loss[i][j]`` at ``(alphas[i], betas[j])``.
+    orthogonal, so they are used as drawn.
+
+    Args:
+        model: the trained model; it is left as it was found.
+        loss_fn: ``loss_fn(model(x), y)`` gives the mean loss of a batch.
+        batches: ``(x, y)`` pairs; the loss is their mean.
+        steps: points per axis, ``>= 2``.
+        span: ``(low, high)``, the range of ``α`` and of ``β``.
+        seed: seeds the two directions.
+        include_1d: perturb 1-D parameters too (see `filter_normalized_direction`).
+        progress: show a progress bar.
+
+    Returns:
+        ``alphas``, ``betas`` and the grids ``loss`` and ``accuracy`` with ``loss[i][j]`` at
+        ``(alphas[i], betas[j])``.
+
+    Raises:
+        ValueError: no batch, ``steps < 2`` or a ``span`` that is not two finite numbers, low < high.
     """
     batches = materialize(batches)
     alphas = _axis(span, steps)

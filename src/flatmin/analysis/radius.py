@@ -64,10 +64,25 @@ def loss_vs_radius(
     The same ``draws`` noise vectors ``z`` are scaled to every radius (common random numbers), so
     the curves are smooth in ``σ``: differences between radii are not sampling noise.
 
-    Returns lists over ``radii``: ``loss_mean``, ``loss_std`` (sample std; 0 for one draw),
-    ``loss_min``, ``loss_max``, ``accuracy_mean`` (``None`` without class labels) and ``losses``
-    (every draw), plus ``clean_loss``, ``clean_accuracy`` and ``rho_per_sigma`` (``sqrt(Σ_j s_j²)``).
-    With ``adversarial`` also ``rho``, ``adversarial_loss`` and ``adversarial_accuracy``.
+    Args:
+        model: the trained model; it is left as it was found (weights, buffers, train/eval mode).
+        loss_fn: ``loss_fn(model(x), y)`` gives the mean loss of a batch (``F.cross_entropy``).
+        batches: ``(x, y)`` pairs; ``L(w)`` is the mean of the loss over them.
+        radii: the relative radii ``σ >= 0``, finite.
+        draws: noise draws per radius, ``>= 1``.
+        seed: seeds the noise, so a call repeats exactly.
+        adversarial: also the loss in the SAM direction of the same expected norm.
+        progress: show a progress bar.
+
+    Returns:
+        Lists over ``radii``: ``loss_mean``, ``loss_std`` (sample std; 0 for one draw),
+        ``loss_min``, ``loss_max``, ``accuracy_mean`` (``None`` without class labels) and ``losses``
+        (every draw), plus ``clean_loss``, ``clean_accuracy`` and ``rho_per_sigma``
+        (``sqrt(Σ_j s_j²)``). With ``adversarial`` also ``rho``, ``adversarial_loss`` and
+        ``adversarial_accuracy``.
+
+    Raises:
+        ValueError: no batch, ``draws < 1``, or no radii or a negative or infinite one.
     """
     batches = materialize(batches)
     if draws < 1 or not radii or not all(isinstance(r, (int, float)) and 0 <= r < math.inf for r in radii):

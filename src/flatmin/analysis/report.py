@@ -48,6 +48,23 @@ def analyze(
     ``landscape_2d``, ``radius``). ``options`` are keyword arguments per part, e.g.
     ``analyze(..., eigenvalues={"k": 5}, radius={"adversarial": True})``.
     Every part gets the same ``seed`` and ``progress``.
+
+    Args:
+        model: the trained model; it is left as it was found (weights, buffers, train/eval mode).
+        loss_fn: ``loss_fn(model(x), y)`` gives the mean loss of a batch (``F.cross_entropy``).
+        batches: ``(x, y)`` pairs; ``L(w)`` is the mean of the loss over them.
+        what: the groups or parts to run.
+        out_dir: the folder for ``analysis.json`` and the PNGs (made if missing), or ``None``.
+        seed: the seed of every part.
+        progress: show progress bars.
+        **options: keyword arguments per part, by part name.
+
+    Returns:
+        The results by part name, with ``seed`` and ``plots``.
+
+    Raises:
+        ValueError: an unknown name in ``what``, no batch, or a bad option of a part.
+        TypeError: ``options`` for a part that does not exist.
     """
     parts = []
     for name in what:

@@ -29,7 +29,12 @@ def coalesced(tensors: Sequence[Tensor], collective: Collective, bucket_bytes: i
 @torch.no_grad()
 def average_gradients(params: Iterable[Tensor], bucket_bytes: int = BUCKET_BYTES) -> None:
     """``.grad ← mean over workers of .grad`` for every tensor (a missing gradient counts as zeros,
-    so every worker sends the same tensors)."""
+    so every worker sends the same tensors). A collective: every rank calls it.
+
+    Args:
+        params: the tensors whose ``.grad`` to average (those without ``requires_grad`` are skipped).
+        bucket_bytes: the size cap of one flat all-reduce buffer, in bytes.
+    """
     params = [p for p in params if p.requires_grad]
     for p in params:
         if p.grad is None:
@@ -41,7 +46,12 @@ def average_gradients(params: Iterable[Tensor], bucket_bytes: int = BUCKET_BYTES
 
 @torch.no_grad()
 def broadcast_buffers(model: nn.Module, bucket_bytes: int = BUCKET_BYTES) -> None:
-    """Rank 0's buffers (running statistics) on every worker."""
+    """Rank 0's buffers (running statistics) on every worker. A collective: every rank calls it.
+
+    Args:
+        model: the model whose buffers to broadcast from rank 0.
+        bucket_bytes: the size cap of one flat broadcast buffer, in bytes.
+    """
     buffers = list(model.buffers())
     if buffers:
         coalesced(buffers, lambda flat: dist.broadcast(flat, src=0, async_op=True), bucket_bytes)

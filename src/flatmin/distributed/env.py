@@ -33,7 +33,14 @@ class DistributedError(ValueError):
 @dataclass(frozen=True)
 class DistEnv:
     """Who this worker is: its global ``rank`` of ``world_size``, its ``local_rank`` on its machine
-    and the ``device`` it trains on (``cuda:LOCAL_RANK`` for GPUs)."""
+    and the ``device`` it trains on (``cuda:LOCAL_RANK`` for GPUs).
+
+    Attributes:
+        rank: the global rank, ``0 … world_size − 1``.
+        world_size: the number of workers.
+        local_rank: the worker's index on its machine.
+        device: the device it trains on.
+    """
 
     rank: int = 0
     world_size: int = 1
@@ -42,12 +49,19 @@ class DistEnv:
 
     @property
     def is_main(self) -> bool:
-        """Rank 0: the worker that logs, evaluates and writes checkpoints."""
+        """Whether this is rank 0: the worker that logs, evaluates and writes checkpoints."""
         return self.rank == 0
 
 
 def check_parallel_world(world_size: int) -> None:
-    """Parallel m-(A)RWP pairs every clean worker with a perturbed one: ``world_size = 2k``."""
+    """Parallel m-(A)RWP pairs every clean worker with a perturbed one: ``world_size = 2k``.
+
+    Args:
+        world_size: the number of workers.
+
+    Raises:
+        DistributedError: ``world_size`` is not even and at least 2.
+    """
     if world_size < 2 or world_size % 2:
         raise DistributedError(
             f"--parallel needs an even number of workers, k clean + k perturbed, but WORLD_SIZE={world_size}; "
@@ -61,6 +75,12 @@ def free_port(host: str = "127.0.0.1") -> int:
 
     The port is only free when this returns; another process may take it before rank 0 binds it.
     Rank 0 then fails to join with "address already in use": start the workers again with a new port.
+
+    Args:
+        host: the address to find a port on.
+
+    Returns:
+        The port number.
     """
     with socket.socket() as s:
         s.bind((host, 0))
@@ -86,8 +106,15 @@ def init_distributed(
         timeout: how long a collective (and joining) may wait for the other workers.
 
     Without torchrun's variables this is a one-worker run: nothing is initialised (``--parallel``
-    is then an error, it needs at least two workers). Anything inconsistent raises a
-    ``DistributedError`` whose one-line message says what to change.
+    is then an error, it needs at least two workers).
+
+    Returns:
+        This worker's rank, world size, local rank and device.
+
+    Raises:
+        DistributedError: anything inconsistent (some of torchrun's variables missing or not
+            integers, a group already initialised, CUDA missing or too few GPUs, an odd number of
+            workers for ``parallel``), with a one-line message that says what to change.
     """
     device = torch.device(device)
     given = [name for name in TORCHRUN_VARIABLES if name in os.environ]
@@ -136,7 +163,11 @@ def init_distributed(
 
 
 def is_distributed() -> bool:
-    """Whether this process is part of an initialised process group."""
+    """Whether this process is part of an initialised process group.
+
+    Returns:
+        ``True`` inside an initialised group.
+    """
     return dist.is_available() and dist.is_initialized()
 
 

@@ -44,7 +44,14 @@ NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 
 
 def find_blocks(model: nn.Module) -> List[nn.Module]:
-    """The blocks of ``model`` (module docstring), in the order ``model.modules()`` visits them."""
+    """The blocks of ``model`` (module docstring), in the order ``model.modules()`` visits them.
+
+    Args:
+        model: the model to shard.
+
+    Returns:
+        The submodules that get their own ``fully_shard`` unit.
+    """
     blocks: List[nn.Module] = []
 
     def visit(module: nn.Module) -> None:
@@ -62,7 +69,14 @@ def find_blocks(model: nn.Module) -> List[nn.Module]:
 def process_group_mesh(device: torch.device) -> DeviceMesh:
     """A 1-D mesh over every rank of the process group, on ``device``'s type (gloo on CPU, NCCL on
     CUDA). Outside torchrun it starts a one-process group first (left by ``cleanup``), so that a
-    sharded run also works in one process."""
+    sharded run also works in one process.
+
+    Args:
+        device: a device of the type to shard on.
+
+    Returns:
+        The mesh.
+    """
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
@@ -75,6 +89,7 @@ def shard_model(model: nn.Module, mesh: Optional[DeviceMesh] = None, blocks: Opt
     (sharded in place: its parameters are DTensors, ``Shard(0)`` on ``mesh``).
 
     Args:
+        model: the model, built alike on every rank.
         mesh: the device mesh: 1-D for FSDP, 2-D for HSDP (``init_device_mesh(type, (replicas, shards),
             mesh_dim_names=("replicate", "shard"))``, named, as the state-dict functions need); default
             all ranks in one dimension.
@@ -83,6 +98,9 @@ def shard_model(model: nn.Module, mesh: Optional[DeviceMesh] = None, blocks: Opt
 
     Build the model alike on every rank (same seed) before sharding: each rank keeps its rows of
     the same full tensors. Create the optimizer after sharding, over ``model.parameters()``.
+
+    Returns:
+        ``model`` itself, sharded.
     """
     if mesh is None:
         mesh = process_group_mesh(next(model.parameters()).device)
@@ -100,7 +118,14 @@ def _storage(t: Tensor) -> int:
 
 def full_model_state(model: nn.Module) -> Dict[str, Tensor]:
     """The unsharded ``state_dict`` of a sharded model, in CPU memory on rank 0 (``{}`` on the other
-    ranks): a snapshot, sharing no memory with the model. A collective: every rank calls it."""
+    ranks): a snapshot, sharing no memory with the model. A collective: every rank calls it.
+
+    Args:
+        model: a model sharded with `shard_model`.
+
+    Returns:
+        The full state dict on rank 0, ``{}`` on the others.
+    """
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     # On the CPU torch hands back the model's own buffers (and, in one process, its weights).
     live = {_storage(t) for t in itertools.chain(model.parameters(), model.buffers())}
@@ -109,7 +134,12 @@ def full_model_state(model: nn.Module) -> Dict[str, Tensor]:
 
 def load_full_model_state(model: nn.Module, state: Dict[str, Tensor]) -> None:
     """Load an unsharded ``state_dict`` (given on every rank) into a sharded model, each rank
-    keeping its own rows. A collective: every rank calls it."""
+    keeping its own rows. A collective: every rank calls it.
+
+    Args:
+        model: a model sharded with `shard_model`.
+        state: the unsharded state dict (as `full_model_state` or an unsharded model writes it).
+    """
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
 
 
@@ -129,6 +159,12 @@ def full_optimizer_state(optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
     A collective: every rank calls it and gathers the same tensors in the same order (the state
     dict is built alike on every rank). One full tensor at a time exists on each rank. The result
     shares no memory with the optimizer.
+
+    Args:
+        optimizer: an optimizer over the parameters of a sharded model.
+
+    Returns:
+        The full state dict on rank 0, ``{}`` on the others.
     """
     keep = dist.get_rank() == 0
 
@@ -179,6 +215,14 @@ def load_full_optimizer_state(optimizer: torch.optim.Optimizer, state: Dict[str,
 
     The parameters are numbered as ``state_dict()`` numbers them (group by group); a flatmin
     optimizer's ``base_optimizer`` section is sharded the same way.
+
+    Args:
+        optimizer: an optimizer over the parameters of a sharded model.
+        state: the full state dict, on every rank.
+
+    Raises:
+        ValueError: ``state`` is not an optimizer state dict, has state for more parameters than
+            the optimizer, or a per-filter state that cannot follow its parameter's shards.
     """
     params = [p for group in optimizer.param_groups for p in group["params"]]
     state = _shard_section(state, params)

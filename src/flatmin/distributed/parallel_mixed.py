@@ -79,14 +79,30 @@ class ParallelMixedStep:
     after any checkpoint is loaded: it copies rank 0's weights, buffers and noise generator to every
     rank, so the workers start identical whatever their seeds.
 
-    Example (``torchrun --nproc-per-node 2 train.py``)::
+    With ``N = 2k`` workers, the even ranks compute the clean term on their shards of B1 and the
+    odd ranks the perturbed term on their shards of B2, with the same ``ε``; one all-reduce of the
+    gradients, each scaled by its share, gives every worker
 
-        env = init_distributed(parallel=True)
-        opt = flatmin.MARWP(model.parameters(), torch.optim.SGD, model=model, seed=0, lr=0.1)
-        parallel = ParallelMixedStep(opt)
-        loader = BatchLoader(x, y, batch_size, shard=(env.rank, env.world_size))
-        for xb, yb in loader:   # a shard of B1 on the clean ranks, of B2 on the perturbed ranks
-            loss = parallel.step(closure_on(xb, yb))
+        g = (1 − λ) · ḡ1 + λ · ḡ2         ḡ1: mean over clean ranks, ḡ2: over perturbed ranks
+
+    and every worker runs the same update (docs/algorithms.md, "Parallel m-(A)RWP").
+
+    Example (``torchrun --nproc-per-node 2 train.py``):
+
+    <!-- not run: needs torchrun with two processes -->
+    ```python
+    env = init_distributed(parallel=True)
+    opt = flatmin.MARWP(model.parameters(), torch.optim.SGD, model=model, seed=0, lr=0.1)
+    parallel = ParallelMixedStep(opt)
+    loader = BatchLoader(x, y, batch_size, shard=(env.rank, env.world_size))
+    for xb, yb in loader:   # a shard of B1 on the clean ranks, of B2 on the perturbed ranks
+        loss = parallel.step(closure_on(xb, yb))
+    ```
+
+    Raises:
+        TypeError: ``optimizer`` is not an ``MRWP``/``MARWP``, or the model is DDP-wrapped or sharded.
+        RuntimeError: torch.distributed is not initialised.
+        ValueError: no model (neither ``model`` nor the optimizer's ``model=``).
     """
 
     def __init__(self, optimizer: MRWP, model: Optional[nn.Module] = None, *, bucket_mb: float = 25.0) -> None:
@@ -140,8 +156,15 @@ class ParallelMixedStep:
         """One update: this rank's ``closure`` (forward, backward, return the loss) on its own batch —
         at ``w`` on clean ranks, at ``w + ε`` on perturbed ranks — then the shared update.
 
-        Returns this rank's loss: ``L(w; B1_i)`` on clean ranks (rank 0 included), ``L(w + ε; B2_j)``
-        on perturbed ranks (``None`` there when every group has ``λ = 0``: no perturbed term).
+        Args:
+            closure: forward and backward on this rank's batch, returning the loss.
+
+        Returns:
+            This rank's loss: ``L(w; B1_i)`` on clean ranks (rank 0 included), ``L(w + ε; B2_j)``
+            on perturbed ranks (``None`` there when every group has ``λ = 0``: no perturbed term).
+
+        Raises:
+            ValueError: no closure was given.
         """
         opt = self.optimizer
         if closure is None:

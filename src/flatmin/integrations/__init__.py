@@ -4,7 +4,7 @@
   the mixed methods under manual optimization (automatic optimization needs nothing from here);
 * ``flatmin.integrations.huggingface``: ``FlatminTrainer``, a drop-in ``transformers.Trainer``.
 
-Accelerate and ``torch.compile`` need no code of ours (see the README). Each module imports its
+Accelerate and ``torch.compile`` need no code of ours (see docs/integrations.md). Each module imports its
 framework, an optional extra: ``import flatmin`` works without any of them, and a missing one is
 named with the command that installs it.
 """
@@ -15,7 +15,18 @@ from types import ModuleType
 
 
 def require(module: str, extra: str) -> ModuleType:
-    """``import module``, or an ``ImportError`` saying which flatmin extra installs it."""
+    """``import module``, or an ``ImportError`` saying which flatmin extra installs it.
+
+    Args:
+        module: the module to import (``"lightning.pytorch"``).
+        extra: the flatmin extra that installs it (``"lightning"``).
+
+    Returns:
+        The module.
+
+    Raises:
+        ImportError: the module is not installed; the message names ``pip install 'flatmin[extra]'``.
+    """
     try:
         return importlib.import_module(module)
     except ImportError as err:

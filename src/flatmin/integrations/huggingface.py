@@ -94,6 +94,18 @@ class FlatminTrainer(Trainer):
     ``flatmin_method="m-arwp", flatmin_kwargs={"sigma": 0.01}``. ``flatmin_method="sgd"`` (or a
     plain torch optimizer) trains exactly like ``Trainer``. ``trainer.flatmin_optimizer`` is the
     flatmin optimizer (``skipped_steps``, σ, ...).
+
+    Args:
+        *args: the ``Trainer``'s positional arguments (``model``, ``args``, ...).
+        flatmin_method: the method by name (one of ``flatmin.METHODS``), built by `create_optimizer`
+            from ``TrainingArguments``; ``None`` when ``optimizers=`` brings the optimizer.
+        flatmin_kwargs: the method's hyperparameters (``sigma``, ``lam``, ...; ``seed`` defaults to
+            ``args.seed``).
+        **kwargs: the ``Trainer``'s keyword arguments.
+
+    Raises:
+        ValueError: an unknown ``flatmin_method``, ``flatmin_kwargs`` without it, both a method and
+            ``optimizers=``, or DeepSpeed or FSDP enabled.
     """
 
     def __init__(
@@ -126,6 +138,17 @@ class FlatminTrainer(Trainer):
             self.optimizer = _UpdatedInTrainingStep(self.flatmin_optimizer)
 
     def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
+        """The Trainer's optimizer; with ``flatmin_method``, that method around the base optimizer
+        ``TrainingArguments`` names, with the Trainer's weight decay and its no-decay group.
+
+        Args:
+            *args: passed on to ``Trainer.create_optimizer`` (the model, in recent versions).
+            **kwargs: passed on likewise.
+
+        Returns:
+            The optimizer the Trainer steps (a no-op in front of the flatmin optimizer, which
+            updates inside `training_step`).
+        """
         if self.optimizer is None and self.flatmin_method is not None and self.flatmin_method.lower() != "sgd":
             model = args[0] if args else kwargs.get("model") or self.model
             decay = set(self.get_decay_parameter_names(model))
@@ -150,6 +173,21 @@ class FlatminTrainer(Trainer):
         return {**hparams, "seed": self.args.seed}
 
     def training_step(self, model: nn.Module, inputs: Any, num_items_in_batch: Any = None) -> Tensor:
+        """Hold the micro-batch; with the last of an update, run one flatmin step whose closure is
+        the Trainer's own ``training_step`` on every held micro-batch.
+
+        Args:
+            model: the model, as the Trainer passes it (wrapped for DDP where it is).
+            inputs: the micro-batch.
+            num_items_in_batch: the Trainer's count of items for loss normalisation.
+
+        Returns:
+            The loss of the update (summed over its micro-batches) with its last micro-batch, zero
+            for the others.
+
+        Raises:
+            ValueError: the flatmin optimizer has a ``grad_scaler`` of its own.
+        """
         optimizer = self.flatmin_optimizer
         if optimizer is None:
             return super().training_step(model, inputs, num_items_in_batch)

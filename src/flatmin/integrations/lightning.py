@@ -40,14 +40,37 @@ class FlatminMixedPrecision(MixedPrecision):
     steps through this plugin's ``GradScaler`` (it becomes the optimizer's ``grad_scaler``) and the
     scaler is updated once per update. Other optimizers take Lightning's usual path.
 
-    Example::
+    <!-- not run: needs CUDA (16-mixed) -->
+    ```python
+    trainer = L.Trainer(plugins=[FlatminMixedPrecision("16-mixed", device="cuda")], ...)
+    ```
 
-        trainer = L.Trainer(plugins=[FlatminMixedPrecision("16-mixed", device="cuda")], ...)
+    It takes the arguments of Lightning's ``MixedPrecision``:
+
+    - ``precision``: ``"16-mixed"`` (float16 with a ``GradScaler``) or ``"bf16-mixed"``;
+    - ``device``: the device autocast runs on, ``"cuda"`` or ``"cpu"``;
+    - ``scaler``: the ``torch.amp.GradScaler`` to use; ``None`` makes one for ``"16-mixed"``.
     """
 
     def optimizer_step(  # type: ignore[override]
         self, optimizer: Any, model: "pl.LightningModule", closure: Callable[[], Any], **kwargs: Any
     ) -> Any:
+        """Lightning's optimizer step: a flatmin optimizer runs ``closure`` inside its own step,
+        through this plugin's scaler, which is then updated.
+
+        Args:
+            optimizer: the optimizer to step (a flatmin one, or any other).
+            model: the LightningModule being trained.
+            closure: Lightning's closure (forward, backward, hooks), returning the loss.
+            **kwargs: passed on to ``optimizer.step``.
+
+        Returns:
+            What ``optimizer.step`` returned.
+
+        Raises:
+            ValueError: ``gradient_clip_val`` is set (use ``max_grad_norm=``), or the flatmin
+                optimizer has a ``grad_scaler`` of its own.
+        """
         if self.scaler is None or not isinstance(optimizer, WrappedOptimizer):
             return super().optimizer_step(optimizer, model=model, closure=closure, **kwargs)
         clip = getattr(model.trainer, "gradient_clip_val", None) if model.automatic_optimization else None
@@ -79,12 +102,25 @@ def manual_step(
     loss of B1 for the mixed methods), or ``None`` while a batch is held. Global steps count
     updates; learning-rate schedulers are stepped by the module, as always in manual optimization.
 
-    Example::
+    ```python
+    def training_step(self, batch, batch_idx):
+        loss = manual_step(self, batch, batch_idx, self.loss)
+        if loss is not None:
+            self.log("train_loss", loss)
+    ```
 
-        def training_step(self, batch, batch_idx):
-            loss = manual_step(self, batch, batch_idx, self.loss)
-            if loss is not None:
-                self.log("train_loss", loss)
+    Args:
+        module: the LightningModule, with ``automatic_optimization = False`` and one optimizer.
+        batch: this training step's batch.
+        batch_idx: its index in the epoch (even: held, odd: the update, for the mixed methods).
+        loss_fn: ``loss_fn(batch)``, the loss of a batch.
+
+    Returns:
+        The step's loss, or ``None`` while a batch is held.
+
+    Raises:
+        ValueError: automatic optimization is on, or ``configure_optimizers`` returned several
+            optimizers.
     """
     if module.automatic_optimization:
         raise ValueError("manual_step is for manual optimization: set self.automatic_optimization = False")

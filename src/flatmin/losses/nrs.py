@@ -117,17 +117,24 @@ def _same_length(direction: Optional[Tensor], start: Tensor) -> Tensor:
 
 
 class NRSLoss:
-    """Neighbourhood region smoothing: ``L(w; B) + α · mean_x D(p_w(x) ‖ p_{w+ε}(x))``.
+    """Neighbourhood region smoothing: ``L(w; B) + α · mean_x D(p_w(x) ‖ p_{w+ε}(x))``
+    (docs/algorithms.md, "NRS").
 
-    Example::
+        L_NRS(w; B) = L(w; B) + α · mean_{x in B} D(p_w(x), p_{w+ε}(x))
+        ε = σ · s(W) ⊙ z,    z ~ N(0, I)
 
-        nrs = flatmin.NRSLoss(alpha=1.0, sigma=0.01, seed=0)
-        for x, y in loader:
-            opt.zero_grad()
-            loss = nrs(model, x, y)                 # base_loss=F.cross_entropy by default
-            loss.backward()
-            opt.step()
-            correct += (nrs.last_output.argmax(1) == y).sum()   # no second forward needed
+    with the random neighbour (the adversarial one takes one ascent step on ``D`` from it). The
+    gradient reaches ``w`` through both outputs.
+
+    ```python
+    nrs = flatmin.NRSLoss(alpha=1.0, sigma=0.01, seed=0)
+    for x, y in loader:
+        opt.zero_grad()
+        loss = nrs(model, x, y)                 # base_loss=F.cross_entropy by default
+        loss.backward()
+        opt.step()
+        correct += (nrs.last_output.argmax(1) == y).sum()   # no second forward needed
+    ```
 
     Args:
         alpha: weight ``α >= 0`` of the divergence term; ``0`` gives exactly the base loss (the
@@ -138,10 +145,12 @@ class NRSLoss:
             module docstring.
         divergence: ``"kl"`` = ``KL(p_w ‖ p_{w+ε})``, ``"reverse-kl"`` = ``KL(p_{w+ε} ‖ p_w)``,
             ``"symmetric"`` = their average.
-        seed / generator: where the noise comes from; give at most one. Without either, a seed is
-            drawn from torch's global generator (so ``torch.manual_seed`` makes runs repeatable). The
-            default generator lives on the CPU and the draws are moved to the weights' device; pass a
-            CUDA ``generator`` to draw on the GPU.
+        seed: seed of the generator the noise comes from; give at most one of ``seed`` and
+            ``generator``. Without either, a seed is drawn from torch's global generator (so
+            ``torch.manual_seed`` makes runs repeatable). That generator lives on the CPU and the
+            draws are moved to the weights' device.
+        generator: a ``torch.Generator`` to draw the noise from instead; pass a CUDA one to draw
+            on the GPU.
 
     After each call, ``last_output`` (the clean model output), ``last_base_loss`` and
     ``last_divergence`` hold detached copies of what was computed (``last_divergence`` is ``None``
@@ -150,6 +159,10 @@ class NRSLoss:
 
     Only tensors with ``requires_grad`` are perturbed. Stochastic layers (dropout) draw independently
     in the clean and perturbed passes, so their noise also enters the divergence.
+
+    Raises:
+        ValueError: ``alpha`` or ``sigma`` negative or not finite (also when set later), an unknown
+            ``neighbour`` or ``divergence``, or both ``seed`` and ``generator``.
     """
 
     def __init__(
@@ -225,6 +238,17 @@ class NRSLoss:
 
         ``clean_output`` (the model's output at ``w`` on ``x``) is needed by the adversarial neighbour
         only; without it that neighbour runs a clean forward of its own with running statistics frozen.
+
+        Args:
+            model: the model whose trainable parameters are perturbed.
+            x: the batch's inputs (the adversarial neighbour ascends on them).
+            clean_output: ``model(x)`` at ``w``, if already computed.
+
+        Returns:
+            ``ε`` for every trainable parameter, by name.
+
+        Raises:
+            ValueError: the adversarial neighbour on a sharded model.
         """
         params = self._trainable(model)
         start = self._random(params)
@@ -250,6 +274,18 @@ class NRSLoss:
         """``base_loss(model(x), y) + α · D(p_w ‖ p_{w+ε})`` on this batch: a scalar to backpropagate.
 
         The clean forward is the only one that updates normalisation running statistics.
+
+        Args:
+            model: the model being trained.
+            x: the batch's inputs.
+            y: the batch's targets, as ``base_loss`` takes them.
+            base_loss: ``base_loss(output, y)``, the mean loss of the batch.
+
+        Returns:
+            ``L_NRS`` of the batch, a scalar with its graph.
+
+        Raises:
+            ValueError: ``model`` is sharded with ``fully_shard`` (use `backward` there).
         """
         self._check_unsharded(self._trainable(model), "nrs(model, x, y)")
         output = model(x)
@@ -279,6 +315,18 @@ class NRSLoss:
         the perturbed branch while the shards are shifted to ``w + ε`` in place, then the clean branch
         at ``w``. Only the random neighbour is available there. Running statistics are updated by the
         clean forward only.
+
+        Args:
+            model: the model being trained, plain or sharded.
+            x: the batch's inputs.
+            y: the batch's targets.
+            base_loss: ``base_loss(output, y)``, the mean loss of the batch.
+
+        Returns:
+            ``L_NRS`` of the batch, detached.
+
+        Raises:
+            ValueError: the adversarial neighbour on a sharded model.
         """
         params = self._trainable(model)
         if not any(is_sharded(p) for _, p in params):
@@ -315,10 +363,23 @@ class NRSLoss:
         return total.detach()
 
     def state_dict(self) -> Dict[str, Any]:
-        """The generator state (the hyperparameters belong to the run's configuration)."""
+        """The generator state (the hyperparameters belong to the run's configuration).
+
+        Returns:
+            A dict that `load_state_dict` takes.
+        """
         return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Restore the generator from `state_dict`, so that the next neighbours are those of the
+        saved run.
+
+        Args:
+            state_dict: what `state_dict` returned.
+
+        Raises:
+            ValueError: ``state_dict`` has no generator entry.
+        """
         if "generator" not in state_dict:
             raise ValueError(f"not a {type(self).__name__} state_dict: it has no 'generator' entry")
         self.generator.set_state(state_dict["generator"])

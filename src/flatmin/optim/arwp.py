@@ -172,12 +172,49 @@ class AdaptiveNoise:
 
 
 class ARWP(AdaptiveNoise, RWP):
-    """Adaptive random weight perturbation around any base optimizer.
+    """Adaptive random weight perturbation around any base optimizer (docs/algorithms.md, "ARWP").
 
-    Example::
+    One gradient per update; as RWP, but the noise shrinks in the filters where the loss has
+    recently been steep:
 
-        opt = flatmin.ARWP(model.parameters(), torch.optim.SGD, sigma=0.01, eta=0.1, beta=0.99,
-                           lr=0.1, momentum=0.9)
+        ε = σ · s(W) ⊙ z / sqrt(1 + η · F)
+        g = ∇L(w + ε; B)
+        M ← β · M + g²
+        F_i = Σ_{j in filter i} M_j      (W.ndim >= 2)
+        F_j = M_j                        (W.ndim <= 1)
+        w ← base_step(w, g)
+
+    ``F`` is kept per filter (per element of 1-D tensors) in ``state[p]["F"]``; before the first
+    gradient ``F = 0`` and the update is RWP's.
+
+    ```python
+    opt = flatmin.ARWP(model.parameters(), torch.optim.SGD,
+                       sigma=0.01, eta=0.1, beta=0.99, lr=0.1, momentum=0.9)
+    loss = opt.step(closure)  # the loss at the perturbed weights
+    ```
+
+    Args:
+        params: the tensors to train, or parameter groups (dicts with ``"params"`` and per-group
+            values, e.g. ``{"params": ..., "sigma": 0.0}`` for a group left unperturbed).
+        base_optimizer: the optimizer class that applies the update (``torch.optim.SGD``,
+            ``torch.optim.AdamW``, ...); it shares this optimizer's ``param_groups``.
+        sigma: the relative noise radius ``σ >= 0``.
+        eta: ``η >= 0``, how strongly past squared gradients shrink the noise (``0`` is RWP).
+        beta: ``β`` in ``[0, 1)``, the decay of the running sum ``M`` (no ``1 − β`` factor).
+        **kwargs: keyword options every flatmin optimizer takes: ``model`` (the model being
+            trained, so that normalisation running statistics follow the method's rules; see
+            `frozen_norm_stats`), ``seed`` or ``generator`` (where the noise comes from; at most
+            one, without either a seed is drawn from torch's global generator), ``exact_restore``
+            (put the weights back bit-exactly from a copy instead of undoing the shift in place),
+            ``grad_scaler`` (a ``torch.amp.GradScaler`` the closures scale their loss with; the
+            optimizer unscales and steps through it) and ``max_grad_norm`` (clip the update's
+            gradient to this global 2-norm). Everything else (``lr``, ``momentum``,
+            ``weight_decay``, ...) goes to ``base_optimizer``.
+
+    Raises:
+        ValueError: a hyperparameter outside its range (the message names the value and the allowed
+            interval), or both ``seed`` and ``generator``.
+        TypeError: ``base_optimizer`` is not an optimizer class (an instance, for example).
     """
 
     method = "arwp"

@@ -121,8 +121,10 @@ class WrappedOptimizer(torch.optim.Optimizer):
         defaults: this method's hyperparameters (validated by the subclass).
         model: when given, normalisation running statistics follow the method's rules
             (docs/algorithms.md, "Normalisation statistics").
-        seed / generator: where the noise comes from; give at most one. Without either, a seed is
-            drawn from torch's global generator, so ``torch.manual_seed`` makes runs repeatable.
+        seed: seeds the generator the noise comes from; give at most one of ``seed`` and
+            ``generator``. Without either, a seed is drawn from torch's global generator, so
+            ``torch.manual_seed`` makes runs repeatable.
+        generator: a ``torch.Generator`` to draw the noise from instead.
         exact_restore: keep a copy of the weights while they are shifted and copy it back
             (bit-exact), instead of undoing the shift in place (a few ulp of rounding, no copy).
         grad_scaler: a ``torch.amp.GradScaler`` whose ``scale(loss).backward()`` the closures use;
@@ -222,6 +224,15 @@ class WrappedOptimizer(torch.optim.Optimizer):
         """Validate this method's hyperparameters in one parameter group (subclasses override)."""
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """Add a group of tensors to train, shared with the base optimizer, as ``torch.optim`` does.
+
+        Args:
+            param_group: a dict with ``"params"`` and, optionally, this method's hyperparameters
+                and the base optimizer's options for the group (the defaults fill in the rest).
+
+        Raises:
+            ValueError: a hyperparameter of the group outside its range.
+        """
         if "base_optimizer" in self.__dict__:
             # The list is shared: the base optimizer appends the group and fills in its own defaults.
             self.base_optimizer.add_param_group(param_group)
@@ -232,7 +243,11 @@ class WrappedOptimizer(torch.optim.Optimizer):
         self._check_group(self.param_groups[-1])
 
     def trainable(self) -> List[Tensor]:
-        """The tensors that are perturbed and updated: every ``requires_grad`` tensor of every group."""
+        """The tensors that are perturbed and updated: every ``requires_grad`` tensor of every group.
+
+        Returns:
+            The tensors, group by group.
+        """
         return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
 
     def _grads(self) -> List[Tensor]:
@@ -343,6 +358,12 @@ class WrappedOptimizer(torch.optim.Optimizer):
             return closure()
 
     def state_dict(self) -> Dict[str, Any]:
+        """The optimizer's state: ``torch.optim``'s (with ARWP's statistics), the base optimizer's,
+        the noise generator's and ``skipped_steps``.
+
+        Returns:
+            A dict that `load_state_dict` takes; a run resumed from it draws the same noise.
+        """
         state = super().state_dict()
         state["method"] = self.method
         state["base_optimizer"] = self.base_optimizer.state_dict()
@@ -351,6 +372,15 @@ class WrappedOptimizer(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Restore a state written by `state_dict` of the same method.
+
+        Args:
+            state_dict: what `state_dict` returned.
+
+        Raises:
+            ValueError: ``state_dict`` is not a flatmin optimizer's (no base optimizer or generator
+                entry), or torch's own check fails (another number of groups or tensors).
+        """
         state_dict = dict(state_dict)
         try:
             base_state = state_dict.pop("base_optimizer")

@@ -21,6 +21,8 @@ METHODS: Dict[str, Any] = {
     "m-rwp": MRWP,
     "m-arwp": MARWP,
 }
+"""The method names `create` takes, each with its class (``None`` for ``sgd``: the plain base
+optimizer; ``asam`` is `SAM` with ``adaptive=True``)."""
 BASES: Dict[str, Type[torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD,
     "adamw": torch.optim.AdamW,
@@ -57,6 +59,26 @@ def create(
     accepts ``seed`` and ``generator`` (as every method does, so that one call builds any of them) and
     they have no effect. ``params`` are the tensors or parameter groups to optimize (default: all of
     ``model``'s parameters).
+
+    ```python
+    opt = flatmin.create("m-arwp", model, base="adamw", lr=1e-3, seed=0)
+    ```
+
+    Args:
+        name: the method, one of `METHODS` (case-insensitive).
+        model: the model to train; the optimizer gets it as ``model=``, so normalisation running
+            statistics follow the method's rules.
+        base: the base optimizer, ``"sgd"``, ``"adamw"``, ``"adam"`` or an optimizer class.
+        params: the tensors or parameter groups to optimize; ``None`` takes ``model.parameters()``.
+        **hparams: the method's hyperparameters and options and the base optimizer's.
+
+    Returns:
+        The optimizer: a `RWP`, `ARWP`, `MRWP`, `MARWP` or `SAM` around ``base``, or ``base``
+        itself for ``sgd``.
+
+    Raises:
+        ValueError: an unknown ``name`` or ``base``, a hyperparameter of another method (``rho``
+            for ``rwp``), or a hyperparameter out of its range.
     """
     key = name.lower() if isinstance(name, str) else name
     if key not in METHODS:

@@ -34,15 +34,44 @@ from .rwp import RWP
 
 
 class MRWP(RWP):
-    """Mixed random weight perturbation around any base optimizer.
+    """Mixed random weight perturbation around any base optimizer (docs/algorithms.md, "m-RWP and m-ARWP").
 
-    Example::
+    Two gradients per update, on the mixed objective ``(1 − λ) · L(w; B1) + λ · E_ε L(w + ε; B2)``:
 
-        opt = flatmin.MRWP(model.parameters(), torch.optim.SGD, model=model, sigma=0.015, lam=0.5,
-                           lr=0.1, momentum=0.9)
-        loss = opt.step(closure_on(x1, y1), closure_on(x2, y2))   # clean batch, perturbed batch
+        ε = σ · s(W) ⊙ z,    z ~ N(0, I)
+        g = (1 − λ) · ∇L(w; B1) + λ · ∇L(w + ε; B2)
+        w ← base_step(w, g)
+
+    ```python
+    opt = flatmin.MRWP(model.parameters(), torch.optim.SGD, model=model,
+                       sigma=0.015, lam=0.5, lr=0.1, momentum=0.9)
+    loss = opt.step(closure_on(x1, y1), closure_on(x2, y2))  # B1 clean, B2 perturbed
+    ```
 
     ``step`` returns the clean loss ``L(w; B1)``.
+
+    Args:
+        params: the tensors to train, or parameter groups (dicts with ``"params"`` and per-group
+            values, e.g. ``{"params": ..., "sigma": 0.0}`` for a group left unperturbed).
+        base_optimizer: the optimizer class that applies the update (``torch.optim.SGD``,
+            ``torch.optim.AdamW``, ...); it shares this optimizer's ``param_groups``.
+        sigma: the relative noise radius ``σ >= 0``.
+        lam: ``λ`` in ``[0, 1]``, the weight of the perturbed term (``0``: plain training on B1,
+            ``1``: RWP on B2).
+        **kwargs: keyword options every flatmin optimizer takes: ``model`` (the model being
+            trained, so that normalisation running statistics follow the method's rules; see
+            `frozen_norm_stats`), ``seed`` or ``generator`` (where the noise comes from; at most
+            one, without either a seed is drawn from torch's global generator), ``exact_restore``
+            (put the weights back bit-exactly from a copy instead of undoing the shift in place),
+            ``grad_scaler`` (a ``torch.amp.GradScaler`` the closures scale their loss with; the
+            optimizer unscales and steps through it) and ``max_grad_norm`` (clip the update's
+            gradient to this global 2-norm). Everything else (``lr``, ``momentum``,
+            ``weight_decay``, ...) goes to ``base_optimizer``.
+
+    Raises:
+        ValueError: a hyperparameter outside its range (the message names the value and the allowed
+            interval), or both ``seed`` and ``generator``.
+        TypeError: ``base_optimizer`` is not an optimizer class (an instance, for example).
     """
 
     method = "m-rwp"
@@ -151,7 +180,25 @@ class MRWP(RWP):
         self, closure: Optional[Closure] = None, perturbed_closure: Optional[Closure] = None
     ) -> Any:
         """One update from a clean ``closure`` (batch B1) and a ``perturbed_closure`` (batch B2,
-        defaults to ``closure``)."""
+        defaults to ``closure``).
+
+        Args:
+            closure: forward and backward on the clean batch B1, returning the loss.
+            perturbed_closure: the same on the batch B2 of the perturbed term, run at ``w + ε``
+                first; ``None`` runs ``closure`` again (the same batch twice).
+
+        Returns:
+            What ``closure`` returned: the clean loss ``L(w; B1)``.
+
+        Raises:
+            ValueError: no closure was given.
+            RuntimeError: ``.grad`` held a gradient computed outside ``step`` (a backward before
+                it), which the update would throw away.
+
+        An exception raised inside a closure propagates after the weights are put back to ``w``.
+        An update whose gradient holds an inf or NaN is skipped with a ``RuntimeWarning``
+        (``skipped_steps`` counts them).
+        """
         if closure is None:
             self._call(None)
         perturbed_closure = closure if perturbed_closure is None else perturbed_closure
@@ -170,12 +217,49 @@ class MRWP(RWP):
 
 
 class MARWP(AdaptiveNoise, MRWP):
-    """Mixed adaptive random weight perturbation around any base optimizer.
+    """Mixed adaptive random weight perturbation around any base optimizer (docs/algorithms.md, "m-RWP and m-ARWP").
 
-    Example::
+    Two gradients per update: m-RWP's mixed objective with ARWP's adaptive noise, whose statistics
+    come from the perturbed gradient alone:
 
-        opt = flatmin.MARWP(model.parameters(), torch.optim.SGD, model=model, sigma=0.015, lam=0.5,
-                            eta=0.1, beta=0.99, seed=0, lr=0.1, momentum=0.9, weight_decay=1e-3)
+        ε  = σ · s(W) ⊙ z / sqrt(1 + η · F)
+        g2 = ∇L(w + ε; B2)
+        M  ← β · M + g2²,    F_i = Σ_{j in filter i} M_j
+        g  = (1 − λ) · ∇L(w; B1) + λ · g2
+        w  ← base_step(w, g)
+
+    ```python
+    opt = flatmin.MARWP(model.parameters(), torch.optim.SGD, model=model,
+                        sigma=0.015, lam=0.5, eta=0.1, beta=0.99, seed=0,
+                        lr=0.1, momentum=0.9, weight_decay=1e-3)
+    loss = opt.step(closure_on(x1, y1), closure_on(x2, y2))  # B1 clean, B2 perturbed
+    ```
+
+    ``step`` returns the clean loss ``L(w; B1)``.
+
+    Args:
+        params: the tensors to train, or parameter groups (dicts with ``"params"`` and per-group
+            values, e.g. ``{"params": ..., "sigma": 0.0}`` for a group left unperturbed).
+        base_optimizer: the optimizer class that applies the update (``torch.optim.SGD``,
+            ``torch.optim.AdamW``, ...); it shares this optimizer's ``param_groups``.
+        sigma: the relative noise radius ``σ >= 0``.
+        lam: ``λ`` in ``[0, 1]``, the weight of the perturbed term.
+        eta: ``η >= 0``, how strongly past squared gradients shrink the noise.
+        beta: ``β`` in ``[0, 1)``, the decay of the running sum ``M``.
+        **kwargs: keyword options every flatmin optimizer takes: ``model`` (the model being
+            trained, so that normalisation running statistics follow the method's rules; see
+            `frozen_norm_stats`), ``seed`` or ``generator`` (where the noise comes from; at most
+            one, without either a seed is drawn from torch's global generator), ``exact_restore``
+            (put the weights back bit-exactly from a copy instead of undoing the shift in place),
+            ``grad_scaler`` (a ``torch.amp.GradScaler`` the closures scale their loss with; the
+            optimizer unscales and steps through it) and ``max_grad_norm`` (clip the update's
+            gradient to this global 2-norm). Everything else (``lr``, ``momentum``,
+            ``weight_decay``, ...) goes to ``base_optimizer``.
+
+    Raises:
+        ValueError: a hyperparameter outside its range (the message names the value and the allowed
+            interval), or both ``seed`` and ``generator``.
+        TypeError: ``base_optimizer`` is not an optimizer class (an instance, for example).
     """
 
     method = "m-arwp"

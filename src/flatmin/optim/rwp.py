@@ -39,14 +39,45 @@ class NoisePlan:
 
 
 class RWP(WrappedOptimizer):
-    """Random weight perturbation around any base optimizer.
+    """Random weight perturbation around any base optimizer (docs/algorithms.md, "RWP").
 
-    Example::
+    One gradient per update; for every trainable tensor ``W``, with ``s(W)`` its filter-wise norms:
 
-        opt = flatmin.RWP(model.parameters(), torch.optim.SGD, sigma=0.01, lr=0.1, momentum=0.9)
-        loss = opt.step(closure)   # closure: forward, loss.backward(), return loss
+        ε = σ · s(W) ⊙ z,    z ~ N(0, I)
+        g = ∇L(w + ε; B)
+        w ← base_step(w, g)
+
+    The forward and backward pass run at the perturbed weights ``w + ε``; the base step is taken at
+    the unperturbed ``w``.
+
+    ```python
+    opt = flatmin.RWP(model.parameters(), torch.optim.SGD, sigma=0.01,
+                      lr=0.1, momentum=0.9)
+    loss = opt.step(closure)  # closure: forward, loss.backward(), return loss
+    ```
 
     ``step`` returns the loss at the perturbed weights (the only one computed).
+
+    Args:
+        params: the tensors to train, or parameter groups (dicts with ``"params"`` and per-group
+            values, e.g. ``{"params": ..., "sigma": 0.0}`` for a group left unperturbed).
+        base_optimizer: the optimizer class that applies the update (``torch.optim.SGD``,
+            ``torch.optim.AdamW``, ...); it shares this optimizer's ``param_groups``.
+        sigma: the relative noise radius ``σ >= 0``; a group with ``sigma=0`` is not perturbed.
+        **kwargs: keyword options every flatmin optimizer takes: ``model`` (the model being
+            trained, so that normalisation running statistics follow the method's rules; see
+            `frozen_norm_stats`), ``seed`` or ``generator`` (where the noise comes from; at most
+            one, without either a seed is drawn from torch's global generator), ``exact_restore``
+            (put the weights back bit-exactly from a copy instead of undoing the shift in place),
+            ``grad_scaler`` (a ``torch.amp.GradScaler`` the closures scale their loss with; the
+            optimizer unscales and steps through it) and ``max_grad_norm`` (clip the update's
+            gradient to this global 2-norm). Everything else (``lr``, ``momentum``,
+            ``weight_decay``, ...) goes to ``base_optimizer``.
+
+    Raises:
+        ValueError: a hyperparameter outside its range (the message names the value and the allowed
+            interval), or both ``seed`` and ``generator``.
+        TypeError: ``base_optimizer`` is not an optimizer class (an instance, for example).
     """
 
     method = "rwp"
@@ -102,7 +133,24 @@ class RWP(WrappedOptimizer):
 
     @torch.no_grad()
     def step(self, closure: Optional[Closure] = None) -> Any:  # type: ignore[override]
-        """One update: perturb, ``closure()`` at ``w + ε``, restore ``w``, base step with that gradient."""
+        """One update: perturb, ``closure()`` at ``w + ε``, restore ``w``, base step with that gradient.
+
+        Args:
+            closure: runs the forward and backward pass and returns the loss; it may zero the
+                gradients itself.
+
+        Returns:
+            What ``closure`` returned: the loss at the perturbed weights ``w + ε``.
+
+        Raises:
+            ValueError: no closure was given.
+            RuntimeError: ``.grad`` held a gradient computed outside ``step`` (a backward before
+                it), which the update would throw away.
+
+        An exception raised inside a closure propagates after the weights are put back to ``w``.
+        An update whose gradient holds an inf or NaN is skipped with a ``RuntimeWarning``
+        (``skipped_steps`` counts them).
+        """
         if closure is None:
             self._call(None)
         self._clear_grads()

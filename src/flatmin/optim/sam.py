@@ -26,15 +26,48 @@ from .base import BaseOptimizer, Closure, WrappedOptimizer, check_range, global_
 
 
 class SAM(WrappedOptimizer):
-    """Sharpness-aware minimisation around any base optimizer; ``adaptive=True`` is ASAM.
+    """Sharpness-aware minimisation around any base optimizer; ``adaptive=True`` is ASAM
+    (docs/algorithms.md, "SAM and ASAM").
 
-    Example::
+    Two gradients per update on the same batch:
 
-        opt = flatmin.SAM(model.parameters(), torch.optim.SGD, model=model, rho=0.05,
-                          lr=0.1, momentum=0.9)
-        loss = opt.step(closure)   # closure runs twice on the same batch
+        g0 = ∇L(w; B)
+        ε  = ρ · g0 / ||g0||           (SAM)
+        ε  = ρ · T² g0 / ||T g0||      (ASAM, T = |w| elementwise)
+        g  = ∇L(w + ε; B)
+        w  ← base_step(w, g)
+
+    ``||·||`` is one norm over all tensors together; the base step is taken at the unperturbed ``w``.
+
+    ```python
+    opt = flatmin.SAM(model.parameters(), torch.optim.SGD, model=model, rho=0.05,
+                      lr=0.1, momentum=0.9)
+    loss = opt.step(closure)   # closure runs twice on the same batch
+    ```
 
     ``step`` returns the loss at the unperturbed weights (the first pass).
+
+    Args:
+        params: the tensors to train, or parameter groups (dicts with ``"params"`` and per-group
+            values, e.g. ``{"params": ..., "sigma": 0.0}`` for a group left unperturbed).
+        base_optimizer: the optimizer class that applies the update (``torch.optim.SGD``,
+            ``torch.optim.AdamW``, ...); it shares this optimizer's ``param_groups``.
+        rho: the radius ``ρ >= 0`` of the ascent step.
+        adaptive: ASAM's scale-invariant ascent instead of SAM's.
+        **kwargs: keyword options every flatmin optimizer takes: ``model`` (the model being
+            trained, so that normalisation running statistics follow the method's rules; see
+            `frozen_norm_stats`), ``seed`` or ``generator`` (where the noise comes from; at most
+            one, without either a seed is drawn from torch's global generator), ``exact_restore``
+            (put the weights back bit-exactly from a copy instead of undoing the shift in place),
+            ``grad_scaler`` (a ``torch.amp.GradScaler`` the closures scale their loss with; the
+            optimizer unscales and steps through it) and ``max_grad_norm`` (clip the update's
+            gradient to this global 2-norm). Everything else (``lr``, ``momentum``,
+            ``weight_decay``, ...) goes to ``base_optimizer``.
+
+    Raises:
+        ValueError: a hyperparameter outside its range (the message names the value and the allowed
+            interval), or both ``seed`` and ``generator``.
+        TypeError: ``base_optimizer`` is not an optimizer class (an instance, for example).
     """
 
     grads_per_step = 2
@@ -70,7 +103,23 @@ class SAM(WrappedOptimizer):
 
     @torch.no_grad()
     def step(self, closure: Optional[Closure] = None) -> Any:  # type: ignore[override]
-        """One update: ``closure()`` at ``w``, ascend to ``w + ε``, ``closure()`` there, restore, base step."""
+        """One update: ``closure()`` at ``w``, ascend to ``w + ε``, ``closure()`` there, restore, base step.
+
+        Args:
+            closure: forward and backward on the batch, returning the loss; it runs twice.
+
+        Returns:
+            What the first call of ``closure`` returned: the loss at the unperturbed weights.
+
+        Raises:
+            ValueError: no closure was given.
+            RuntimeError: ``.grad`` held a gradient computed outside ``step`` (a backward before
+                it), which the update would throw away.
+
+        An exception raised inside a closure propagates after the weights are put back to ``w``.
+        An update whose gradient holds an inf or NaN is skipped with a ``RuntimeWarning``
+        (``skipped_steps`` counts them).
+        """
         if closure is None:
             self._call(None)
         self._clear_grads()

@@ -2,7 +2,7 @@
 
 A run is described by a ``TrainConfig``; the command line and YAML files only fill it in. Method
 hyperparameters left at ``None`` take the method's default from ``METHOD_DEFAULTS`` (chosen on a
-validation split of the bundled data sets, see the README).
+validation split of the bundled data sets, see docs/results.md).
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ METHOD_DEFAULTS: Dict[str, Dict[str, Any]] = {
 }
 # Per data set, the values chosen on a validation split of its training set (never the test set)
 # by benchmarks/tune_defaults.py; they replace METHOD_DEFAULTS for that data set. The numbers are in
-# the README. CIFAR and ImageNet use the papers' values above.
+# docs/results.md. CIFAR and ImageNet use the papers' values above.
 DATA_RECIPES: Dict[str, Dict[str, Dict[str, Any]]] = {
     "digits": {
         "sam": {"rho": 0.01},
