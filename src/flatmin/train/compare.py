@@ -20,7 +20,7 @@ from ..analysis.plots import overlay
 from . import compare_plots
 from .config import METHOD_DEFAULTS, METHOD_HPARAMS, PROGRESS_MODES, ConfigError, TrainConfig, choice, output_folder
 from .flatness import OVERLAY_PARTS, analyze_checkpoint, write_json
-from .loop import train
+from .loop import RUN_FILES, train
 from .stats import paired_t_interval
 
 # The flatness overlay of every trained model (--flatness N): modest settings, so that it costs a
@@ -91,6 +91,12 @@ def compare(base: TrainConfig, methods: Sequence[str], seeds: int = 3, jobs: int
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ConfigError(f"jobs={jobs!r} is not allowed: it must be an integer >= 1")
     configs = run_configs(base, methods, seeds)
+    if not base.overwrite:  # refused before any run, not after the first ones are done
+        taken = [cfg.out for cfg in configs if any((Path(cfg.out) / name).exists() for name in RUN_FILES)]
+        if taken:
+            more = f" and {len(taken) - 1} more" if len(taken) > 1 else ""
+            raise ConfigError(f"out={base.out!r} holds runs of an earlier comparison ({taken[0]}{more}): pass "
+                              f"--overwrite to train them again, or choose another --out")
     out = output_folder(base.out)
     summaries: List[Dict[str, Any]] = []
     entries: List[Dict[str, Any]] = []
