@@ -427,6 +427,22 @@ def test_cifar_loaders_augment_training_batches_only(tmp_path):
 COLOURS = {"zebra": (250, 250, 250), "apple": (200, 30, 10)}
 
 
+def square_image_folder(root, side=16, train=4, val=2):
+    """``root/train`` and ``root/val`` with ``train`` and ``val`` noisy side×side PNGs of each class
+    in ``COLOURS`` (other test files build their image-folder runs with it)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", train), ("val", val)):
+        for name, colour in COLOURS.items():
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                noise = rng.integers(-40, 41, (side, side, 3))
+                pixels = np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+    return root
+
+
 @pytest.fixture
 def folder(tmp_path):
     """train/ and val/ class folders of small PNGs in several modes and sizes."""
