@@ -310,3 +310,17 @@ def test_a_run_folder_is_replaced_only_with_overwrite(tmp_path, capsys):
     assert code == 2 and "holds runs of an earlier comparison" in err and "--overwrite" in err
     assert (tmp_path / "cmp" / "runs.json").read_bytes() == runs
     assert run_cli(*cmp, "--overwrite", capsys=capsys)[0] == 0
+
+
+def test_compare_runs_use_one_thread_unless_told_so_results_do_not_depend_on_jobs(tmp_path, capsys):
+    runs = []
+    for jobs in ("1", "2"):
+        out = tmp_path / f"jobs{jobs}"
+        code, _, err = run_cli("compare", "--data", "digits", "--methods", "sgd", "--seeds", "2", "--epochs", "1",
+                               "--batch-size", "128", "--jobs", jobs, "--out", str(out), capsys=capsys)
+        assert code == 0, err
+        runs.append(json.loads((out / "runs.json").read_text()))
+    for a, b in zip(*runs):
+        assert a["threads"] == b["threads"] == 1 and a["config"]["threads"] == 1
+        assert (a["method"], a["test_acc"], a["test_loss"], a["train_loss"]) == (
+            b["method"], b["test_acc"], b["test_loss"], b["train_loss"])

@@ -21,9 +21,10 @@ from .train.config import (NOT_INHERITED, ConfigError, TrainConfig, check_device
                            with_legacy_defaults)
 
 DEFAULT_METHODS = "sgd,sam,rwp,arwp,m-rwp,m-arwp,nrs"
-# Where compare's defaults differ from a single run's: the data set where the methods differ, and
-# the papers' protocol (equal updates).
-COMPARE_DEFAULTS = {"data": "mnist1d", "budget": "updates"}
+# Where compare's defaults differ from a single run's: the data set where the methods differ, the
+# papers' protocol (equal updates), and one CPU thread per run, so that its numbers do not depend on
+# --jobs or on the machine's core count.
+COMPARE_DEFAULTS = {"data": "mnist1d", "budget": "updates", "threads": 1}
 
 
 class Parser(argparse.ArgumentParser):
@@ -83,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"comma-separated methods (default: {DEFAULT_METHODS})")
     compare.add_argument("--seeds", type=int, default=3, help="seeds per method, from --seed on (default: 3)")
     compare.add_argument("--jobs", type=int, default=1,
-                         help="runs at once, in separate processes sharing the cores (default: 1)")
+                         help="runs at once, in separate processes sharing the cores; each run uses --threads "
+                              "CPU threads whatever --jobs is, so the results do not depend on it (default: 1)")
     analyze = commands.add_parser(
         "analyze", help="flatness of a trained model: Hessian spectrum, loss landscapes, loss under perturbation",
         description="Analyse a checkpoint written by 'flatmin train'; writes analysis.json and PNG plots.")

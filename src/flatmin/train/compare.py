@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import multiprocessing
-import os
 import statistics
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -37,7 +36,9 @@ BUDGET_TEXT = {
 
 
 def run_configs(base: TrainConfig, methods: Sequence[str], seeds: int) -> List[TrainConfig]:
-    """One config per (method, seed): ``base`` with the method, the seed and its own output folder.
+    """One config per (method, seed): ``base`` with the method, the seed and its own output folder,
+    and ``threads`` fixed (``base.threads``, 1 when unset): a run's numbers depend on its CPU thread
+    count, so fixing it makes them independent of ``jobs`` and of the machine's core count.
 
     Hyperparameters set in ``base`` apply to the methods that have them (``sigma`` to the RWP
     family, ``rho`` to SAM/ASAM) and are left out for the others.
@@ -59,7 +60,8 @@ def run_configs(base: TrainConfig, methods: Sequence[str], seeds: int) -> List[T
         own = {name: getattr(base, name) if name in METHOD_DEFAULTS[method] else None for name in METHOD_HPARAMS}
         for seed in range(base.seed, base.seed + seeds):
             out = str(Path(base.out) / method / f"seed{seed}")
-            configs.append(dataclasses.replace(base, method=method, seed=seed, out=out, progress="none", **own))
+            configs.append(dataclasses.replace(base, method=method, seed=seed, out=out, progress="none",
+                                               threads=base.threads or 1, **own))
     for cfg in configs:
         cfg.validate()
     return configs
@@ -73,12 +75,6 @@ def _run(cfg: TrainConfig) -> Tuple[Dict[str, Any], Optional[Dict[str, Any]]]:
         entry = analyze_checkpoint(Path(cfg.out) / "checkpoint.pt", OVERLAY_PARTS, batches=cfg.flatness,
                                    batch_size=cfg.eval_batch_size, seed=0, device=cfg.device, options=FLATNESS_OPTIONS)
     return summary, entry
-
-
-def _worker_init(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
 
 
 def compare(base: TrainConfig, methods: Sequence[str], seeds: int = 3, jobs: int = 1,
@@ -114,10 +110,10 @@ def compare(base: TrainConfig, methods: Sequence[str], seeds: int = 3, jobs: int
         for i, cfg in enumerate(configs):
             report(i, _run(cfg))
     else:
-        # Each worker gets its share of the cores; every run then trains under the same conditions.
-        threads = max(1, (os.cpu_count() or 1) // jobs)
+        # Every run sets its own thread count (run_configs), so a worker's share of the cores does
+        # not depend on how many there are.
         context = multiprocessing.get_context("spawn")
-        with context.Pool(jobs, initializer=_worker_init, initargs=(threads,)) as pool:
+        with context.Pool(jobs) as pool:
             for i, result in enumerate(pool.imap(_run, configs)):
                 report(i, result)
             # Let the workers exit on their own: the context's terminate() kills them, and a killed

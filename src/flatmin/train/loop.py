@@ -19,6 +19,7 @@ import time
 from contextlib import nullcontext
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -440,7 +441,9 @@ class Trainer:
         result: Dict[str, Any] = {
             "config": cfg.to_dict(),
             "hparams": cfg.hparams(),
-            "versions": {"flatmin": __version__, "torch": torch.__version__, "python": platform.python_version()},
+            "versions": {"flatmin": __version__, "torch": torch.__version__, "numpy": np.__version__,
+                         "python": platform.python_version()},
+            "threads": torch.get_num_threads(),  # CPU threads: the numbers of a CPU run depend on them
             "seed": cfg.seed,
             "method": cfg.method,
             "budget": cfg.budget,
