@@ -61,7 +61,7 @@ def run_configs(base: TrainConfig, methods: Sequence[str], seeds: int) -> List[T
         for seed in range(base.seed, base.seed + seeds):
             out = str(Path(base.out) / method / f"seed{seed}")
             configs.append(dataclasses.replace(base, method=method, seed=seed, out=out, progress="none",
-                                               threads=base.threads or 1, **own))
+                                               threads=1 if base.threads is None else base.threads, **own))
     for cfg in configs:
         cfg.validate()
     return configs
