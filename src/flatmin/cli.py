@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train one model with one method",
                                 description="Train one model with one method. With no flags: ARWP on the "
                                             "bundled 8x8 digits with an MLP, 60 epochs on the CPU, in about "
-                                            "10 seconds. A folder that holds a run already is refused: "
+                                            "10 seconds on 2 cores. A folder that holds a run already is refused: "
                                             "continue it with --resume or replace it with --overwrite.")
     _add_config_flags(train)
     train.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",

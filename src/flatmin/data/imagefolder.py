@@ -74,7 +74,8 @@ def open_rgb(path: Path) -> "Image":
 
 
 def evenly_spaced(samples: List[Tuple[Path, int]], count: int = SAMPLE) -> List[Path]:
-    """At most ``count`` paths spread evenly over ``samples`` (every class of a sorted list is hit)."""
+    """At most ``count`` paths spread evenly over ``samples``: the list is sorted by class, so each
+    class is sampled in proportion to its images."""
     step = max(1, len(samples) // count)
     return [path for path, _ in samples[::step][:count]]
 

@@ -15,6 +15,8 @@ import statistics
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import torch
+
 from ..analysis.plots import overlay
 from . import compare_plots
 from .config import METHOD_DEFAULTS, METHOD_HPARAMS, PROGRESS_MODES, ConfigError, TrainConfig, choice, output_folder
@@ -107,8 +109,12 @@ def compare(base: TrainConfig, methods: Sequence[str], seeds: int = 3, jobs: int
             f"train time {summary['train_time_s']:.1f} s")
 
     if jobs == 1:
-        for i, cfg in enumerate(configs):
-            report(i, _run(cfg))
+        threads = torch.get_num_threads()
+        try:
+            for i, cfg in enumerate(configs):
+                report(i, _run(cfg))
+        finally:
+            torch.set_num_threads(threads)  # each run set its own; the caller gets its count back
     else:
         # Every run sets its own thread count (run_configs), so a worker's share of the cores does
         # not depend on how many there are.
