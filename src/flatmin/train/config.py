@@ -122,7 +122,7 @@ class TrainConfig:
     num_workers: int = field(default=0, metadata={"help": "data-loading workers (imagefolder)"})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda or cuda:N"})
     amp: Optional[str] = field(default=None, metadata={"help": "mixed precision: bf16 or fp16"})
-    threads: Optional[int] = field(default=None, metadata={"help": "CPU threads for torch (default: torch's)"})
+    threads: Optional[int] = field(default=None, metadata={"help": "CPU threads for torch; None: torch's default, one per core. The numbers of a CPU run depend on it"})
     stop_after: Optional[int] = field(default=None, metadata={"help": "stop once this many epochs of the schedule are done (checkpointed); continue later with --resume"})
     flatness: int = field(default=0, metadata={"help": "batches of training data for the Hessian's top eigenvalue and trace in the summary (0: skip)"})
     log: Optional[str] = field(default=None, metadata={"help": "also log to: tensorboard (event files in the output folder; needs flatmin[tensorboard])"})
