@@ -61,7 +61,7 @@ def main() -> None:
                 out = Path(args.out) / args.data / method / f"point{i}-seed{seed}"
                 configs.append(TrainConfig(data=args.data, model=args.model, method=method, epochs=args.epochs,
                                            seed=seed, val_fraction=args.val_fraction, out=str(out),
-                                           progress="none", **point))
+                                           progress="none", overwrite=True, **point))  # its own folders
     with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
         results = pool.map(_run, configs)
     by_point: dict = {}

@@ -58,7 +58,7 @@ CONFIG_CASES = [
     case("--data-dir", "{file}", "cifar10 not found in {file}: download cifar-10-python.tar.gz", "--data", "cifar10",
          "--model", "resnet18"),
     case("--data-dir", "{missing}", "image folder {missing}/train not found", "--data", "imagefolder"),
-    case("--data-dir", "{no_images}", "no images", "--data", "imagefolder"),
+    case("--data-dir", "{no_images}", "class folder {no_images}/train/cat holds no images", "--data", "imagefolder"),
     case("--data-dir", "{file}", "data_dir {file} is a file", "--data", "mnist1d"),
     case("--model", "resnet9", "unknown model 'resnet9'"),
     case("--model", "vgg16bn", "'vgg16bn' takes images (C, H, W) of at least 32×32 pixels"),
@@ -101,6 +101,12 @@ CONFIG_CASES = [
     case("--val-fraction", "0.001", "val_fraction=0.001 cannot hold out every class"),
     *numeric("--cutout", "int", ["-1"]),
     case("--cutout", "16", "cutout=16 is not allowed for digits"),
+    *numeric("--image-size", "int", ["-1", "0"]),
+    case("--image-size", "32", "image_size=32 is not allowed for digits: it applies to imagefolder only"),
+    case("--normalize", "cifar", "unknown normalize 'cifar'"),
+    case("--normalize", "", "unknown normalize ''"),
+    case("--normalize", "imagenet", "normalize='imagenet' is not allowed for digits"),
+    case("--overwrite", "yes", "argument --overwrite/--no-overwrite: ignored explicit argument 'yes'", joined=True),
     *numeric("--num-workers", "int", ["-1"]),
     case("--device", "tpu", "device='tpu' is not allowed"),
     case("--device", "cuda:x", "device='cuda:x' is not allowed"),
@@ -138,6 +144,9 @@ TRAIN_ONLY = [
     case("--resume", "{run}/checkpoint.pt", "method (checkpoint: 'sgd', now: 'sam')", "--method", "sam"),
     case("--resume", "{run}/checkpoint.pt", "model (checkpoint: 'mlp', now: 'cnn')", "--model", "cnn"),
     case("--resume", "{run}/checkpoint.pt", "epochs=1 is fewer than the 2 epochs", "--epochs", "1"),
+    # a fresh run into the folder of a finished one
+    case("--out", "{run}", "out='{run}' holds a run already (checkpoint.pt, summary.json): pass --resume"),
+    case("--overwrite", None, "--overwrite does not combine with --resume", "--resume", "{run}/checkpoint.pt"),
 ]
 COMPARE_ONLY = [
     case("--methods", "", "--methods names no method"),

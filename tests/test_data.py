@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from flatmin.data import DATASETS, BatchLoader, Dataset, FolderLoader, load_dataset, make_loaders
+from flatmin.data import DATASETS, BatchLoader, Dataset, FolderLoader, load_dataset, make_loaders, split_loader, splits
 from flatmin.data.augment import cutout, random_crop_flip
 from flatmin.data.cifar import LAYOUTS, Augment, Normalize
 from flatmin.data.dataset import with_validation
@@ -427,6 +427,22 @@ def test_cifar_loaders_augment_training_batches_only(tmp_path):
 COLOURS = {"zebra": (250, 250, 250), "apple": (200, 30, 10)}
 
 
+def square_image_folder(root, side=16, train=4, val=2):
+    """``root/train`` and ``root/val`` with ``train`` and ``val`` noisy side×side PNGs of each class
+    in ``COLOURS`` (other test files build their image-folder runs with it)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", train), ("val", val)):
+        for name, colour in COLOURS.items():
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                noise = rng.integers(-40, 41, (side, side, 3))
+                pixels = np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+    return root
+
+
 @pytest.fixture
 def folder(tmp_path):
     """train/ and val/ class folders of small PNGs in several modes and sizes."""
@@ -444,7 +460,7 @@ def folder(tmp_path):
 
 
 def test_imagefolder_is_lazy_sorted_by_class_and_centre_cropped_for_evaluation(folder):
-    ds = load_dataset("imagefolder", data_dir=str(folder), image_size=8)
+    ds = load_dataset("imagefolder", data_dir=str(folder), image_size=8, normalize="imagenet")
     assert ds.classes == ["apple", "zebra"] and ds.num_classes == 2 and ds.input_shape == (3, 8, 8)
     assert len(ds.train) == 6 and len(ds.test) == 4
     assert not any(isinstance(v, torch.Tensor) for v in vars(ds.train).values())  # paths, not pixels
@@ -489,7 +505,8 @@ def test_imagefolder_training_images_are_random_resized_crops_flipped_by_seed_ep
         with Image.open(path) as file:
             crop = random_resized_crop(file.convert("RGB"), 8, rng)
         flip = rng.random() < 0.5
-        expected = to_tensor(crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else crop)
+        expected = to_tensor(crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else crop, ds.train.mean,
+                             ds.train.std)
         assert torch.equal(ds.train.load(0, seed=3, epoch=epoch)[0], expected)
         flipped.add(flip)
     assert flipped == {True, False}
@@ -529,3 +546,81 @@ def test_imagefolder_problems_are_clear_errors(folder, tmp_path_factory):
     (folder / "val" / "mango" / "0.png").write_bytes((folder / "val" / "zebra" / "0.png").read_bytes())
     with pytest.raises(ValueError, match="class folders .* differ: mango"):
         load_dataset("imagefolder", data_dir=str(folder))
+
+
+def test_imagefolder_defaults_to_the_images_own_size_and_channel_statistics(folder):
+    # Training images are 20×14, 23×16 and 26×18 per class: the median short side is 16.
+    ds = load_dataset("imagefolder", data_dir=str(folder))
+    assert ds.input_shape == (3, 16, 16) and ds.preprocessing["image_size"] == 16
+    assert ds.preprocessing["normalize"] == "data"
+    # Two solid colours in equal shares: per channel the mean is their midpoint and the std half
+    # their distance, so every normalised pixel is +1 or -1 (or 0 where the colours agree: std 1).
+    apple, zebra = (np.array(COLOURS[c], dtype=np.float64) / 255 for c in ("apple", "zebra"))
+    assert np.allclose(ds.preprocessing["mean"], (apple + zebra) / 2, atol=1e-5)
+    assert np.allclose(ds.preprocessing["std"], np.abs(zebra - apple) / 2, atol=1e-5)
+    for split in ("train", "test"):
+        x, y = next(iter(split_loader(ds, split, batch_size=8)))
+        assert x.shape[1:] == (3, 16, 16)
+        sign = torch.where(y == ds.classes.index("zebra"), 1.0, -1.0).view(-1, 1, 1, 1)
+        assert torch.allclose(x, sign.expand_as(x), atol=1e-4)
+
+
+def test_small_images_are_not_enlarged_and_large_ones_default_to_224(tmp_path):
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    assert np.array_equal(np.asarray(resize_centre_crop(image, 16)), pixels)  # not 18 px cropped back to 16
+    # A non-square image is centre-cropped only.
+    wide = Image.fromarray(np.random.default_rng(1).integers(0, 256, (16, 20, 3), dtype=np.uint8))
+    assert np.array_equal(np.asarray(resize_centre_crop(wide, 16)), np.asarray(wide)[:, 2:18])
+    for split in ("train", "val"):
+        for name in ("a", "b"):
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.new("RGB", (300, 260), (10, 20, 30) if name == "a" else (200, 100, 0)).save(
+                tmp_path / split / name / "0.png")
+    ds = load_dataset("imagefolder", data_dir=str(tmp_path), normalize="imagenet")
+    assert ds.input_shape == (3, 224, 224) and ds.preprocessing["mean"] == [0.485, 0.456, 0.406]
+    asked = load_dataset("imagefolder", data_dir=str(tmp_path), image_size=32)
+    assert asked.input_shape == (3, 32, 32)
+
+
+def test_imagefolder_class_folders_must_match_and_hold_training_images(folder):
+    (folder / "train" / "mango").mkdir()
+    (folder / "val" / "mango").mkdir()
+    with pytest.raises(ValueError, match=f"class folder {folder / 'train' / 'mango'} holds no images"):
+        load_dataset("imagefolder", data_dir=str(folder))
+    # With training images it is a class; an empty val/ folder of it (no test images) is allowed.
+    (folder / "train" / "mango" / "0.png").write_bytes((folder / "train" / "zebra" / "0.png").read_bytes())
+    assert load_dataset("imagefolder", data_dir=str(folder)).classes == ["apple", "mango", "zebra"]
+    (folder / "val" / "kiwi").mkdir()
+    (folder / "val" / "kiwi" / "0.png").write_bytes((folder / "val" / "zebra" / "0.png").read_bytes())
+    with pytest.raises(ValueError, match="class folders .* differ: kiwi"):
+        load_dataset("imagefolder", data_dir=str(folder))
+
+
+def test_image_options_are_for_image_folders_only_and_checked(folder):
+    with pytest.raises(ValueError, match="image_size=32 is not allowed for digits"):
+        load_dataset("digits", image_size=32)
+    with pytest.raises(ValueError, match="normalize='data' is not allowed for mnist1d"):
+        load_dataset("mnist1d", normalize="data")
+    with pytest.raises(ValueError, match="unknown normalize 'cifar'"):
+        load_dataset("imagefolder", data_dir=str(folder), normalize="cifar")
+    with pytest.raises(ValueError, match="image_size=0 is not allowed"):
+        load_dataset("imagefolder", data_dir=str(folder), image_size=0)
+
+
+def test_split_loaders_name_the_splits_and_mix_an_image_folders_classes(folder):
+    ds = load_dataset("imagefolder", data_dir=str(folder), image_size=8)
+    assert splits(ds) == ("train", "test")
+    # Stored by class, yet the first batch of 3 of the 6 training images holds both classes
+    # (for this seed), unaugmented: the same tensors every time.
+    first = next(iter(split_loader(ds, "train", batch_size=3, seed=0)))
+    assert set(first[1].tolist()) == {0, 1}
+    assert torch.equal(first[0], next(iter(split_loader(ds, "train", batch_size=3, seed=0)))[0])
+    with pytest.raises(ValueError, match="split='val' is not allowed for this imagefolder: it has train, test"):
+        split_loader(ds, "val", batch_size=3)
+    digits = load_dataset("digits", val_fraction=0.2)
+    assert splits(digits) == ("train", "test", "val")
+    x, y = next(iter(split_loader(digits, "val", batch_size=5)))
+    assert torch.equal(y, digits.val_y[:5]) and torch.allclose(x, digits.val_x[:5])

@@ -6,9 +6,14 @@ import sys
 import pytest
 import torch
 
+from flatmin.analysis import hessian_eigenvalues
 from flatmin.cli import main
+from flatmin.data import load_dataset, split_loader
 from flatmin.train import TrainConfig, Trainer, compare, train
 from flatmin.train.checkpoint import load_checkpoint, save_checkpoint
+from flatmin.train.config import ConfigError
+from flatmin.train.loop import load_trained
+from test_data import square_image_folder
 
 QUICK = dict(data="digits", model="mlp", epochs=3, batch_size=128, progress="none")
 
@@ -132,8 +137,11 @@ def test_stop_after_then_resume_continues_to_the_end_like_an_uninterrupted_run(t
     code = main(["train", "--resume", str(ckpt), "--epochs", "2"])
     err = capsys.readouterr().err
     assert code == 2 and "epochs=2 is fewer than the 3 epochs checkpoint" in err and len(err.splitlines()) == 1
-    # A fresh run in a used folder starts its own metrics.jsonl rather than appending to the old one.
-    assert cli_train("--epochs", "1", "--out", str(full), capsys=capsys)[0] == 0
+    # A fresh run in a used folder is refused; with --overwrite it starts its own metrics.jsonl
+    # rather than appending to the old one.
+    assert main(["train", "--batch-size", "128", "--progress", "none", "--epochs", "1", "--out", str(full)]) == 2
+    assert "pass --resume to continue it or --overwrite to replace it" in capsys.readouterr().err
+    assert cli_train("--epochs", "1", "--out", str(full), "--overwrite", capsys=capsys)[0] == 0
     assert [json.loads(line)["epoch"] for line in (full / "metrics.jsonl").read_text().splitlines()] == [1]
 
 
@@ -243,3 +251,76 @@ def test_analyze_command_writes_json_and_plots(tmp_path, capsys):
     assert code == 2 and "no checkpoint" in err
     code, _, err = run_cli("analyze", str(run), "--what", "curvature", capsys=capsys)
     assert code == 2 and "curvature" in err and "Traceback" not in err
+
+
+def test_image_folder_runs_are_measured_on_their_training_split(tmp_path, capsys):
+    images = square_image_folder(tmp_path / "images", side=16, train=4, val=2)
+    run = tmp_path / "run"
+    code = main(["train", "--data", "imagefolder", "--data-dir", str(images), "--model", "mlp", "--method", "sgd",
+                 "--epochs", "1", "--batch-size", "4", "--flatness", "1", "--progress", "none", "--out", str(run)])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((run / "summary.json").read_text())
+    # The images' own size and statistics, recorded; the flatness of the training split, named.
+    assert summary["preprocessing"]["image_size"] == 16 and summary["preprocessing"]["normalize"] == "data"
+    assert summary["flatness_split"] == "train"
+    _, model, dataset = load_trained(str(run))
+    batches = [next(iter(split_loader(dataset, "train", 1024, seed=0)))]
+    assert summary["hessian_top"] == pytest.approx(
+        hessian_eigenvalues(model, torch.nn.CrossEntropyLoss(), batches, k=1, iters=30, tol=1e-3, seed=0)[0], rel=1e-4)
+
+    # analyze: no val split (that is --val-fraction's), one line, and no analysis/ folder left behind.
+    code, _, err = run_cli("analyze", str(run), "--what", "trace", "--probes", "2", "--split", "val", capsys=capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "--split val: this run has no val split" in err and "it has train, test" in err
+    assert not (run / "analysis").exists()
+    # By default the training split (train/), with --split test the val/ folder; each says which.
+    for split in ("train", "test"):
+        code, out, err = run_cli("analyze", str(run), "--what", "trace,radius", "--probes", "2", "--draws", "1",
+                                 *(["--split", split] if split == "test" else []), capsys=capsys)
+        assert code == 0, err
+        result = json.loads((run / "analysis" / "analysis.json").read_text())
+        assert result["split"] == split and result["checkpoints"][0]["split"] == split
+        assert f"{split} split" in out
+
+
+def test_a_run_folder_is_replaced_only_with_overwrite(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ("train", "--method", "sgd", "--batch-size", "256", "--progress", "none", "--out", str(run))
+    assert run_cli(*args, "--epochs", "1", capsys=capsys)[0] == 0
+    before = (run / "summary.json").read_bytes(), (run / "checkpoint.pt").read_bytes()
+    code, _, err = run_cli(*args, "--epochs", "2", capsys=capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "holds a run already (checkpoint.pt, summary.json): pass --resume to continue it or --overwrite" in err
+    assert ((run / "summary.json").read_bytes(), (run / "checkpoint.pt").read_bytes()) == before
+    with pytest.raises(ConfigError, match="holds a run already"):
+        train(cfg_for(tmp_path, method="sgd", epochs=1))
+    code, _, err = run_cli(*args, "--overwrite", "--resume", capsys=capsys)
+    assert code == 2 and "--overwrite does not combine with --resume" in err
+    assert run_cli(*args, "--epochs", "2", "--overwrite", capsys=capsys)[0] == 0
+    assert json.loads((run / "summary.json").read_text())["epochs"] == 2
+    # A resumed run does not inherit --overwrite: the checkpoint's config holds it, the next run not.
+    assert load_checkpoint(run)["config"]["overwrite"] is True
+
+    # compare refuses before any run when a run folder of it holds a run, and reruns with --overwrite.
+    cmp = ["compare", "--data", "digits", "--methods", "sgd", "--seeds", "1", "--epochs", "1", "--batch-size", "256",
+           "--progress", "none", "--out", str(tmp_path / "cmp")]
+    assert run_cli(*cmp, capsys=capsys)[0] == 0
+    runs = (tmp_path / "cmp" / "runs.json").read_bytes()
+    code, _, err = run_cli(*cmp, capsys=capsys)
+    assert code == 2 and "holds runs of an earlier comparison" in err and "--overwrite" in err
+    assert (tmp_path / "cmp" / "runs.json").read_bytes() == runs
+    assert run_cli(*cmp, "--overwrite", capsys=capsys)[0] == 0
+
+
+def test_compare_runs_use_one_thread_unless_told_so_results_do_not_depend_on_jobs(tmp_path, capsys):
+    runs = []
+    for jobs in ("1", "2"):
+        out = tmp_path / f"jobs{jobs}"
+        code, _, err = run_cli("compare", "--data", "digits", "--methods", "sgd", "--seeds", "2", "--epochs", "1",
+                               "--batch-size", "128", "--jobs", jobs, "--out", str(out), capsys=capsys)
+        assert code == 0, err
+        runs.append(json.loads((out / "runs.json").read_text()))
+    for a, b in zip(*runs):
+        assert a["threads"] == b["threads"] == 1 and a["config"]["threads"] == 1
+        assert (a["method"], a["test_acc"], a["test_loss"], a["train_loss"]) == (
+            b["method"], b["test_acc"], b["test_loss"], b["train_loss"])

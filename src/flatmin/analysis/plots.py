@@ -1,6 +1,7 @@
 """PNG plots of the analyses' results (the dicts that ``hessian_density``, ``landscape_1d``,
 ``landscape_2d`` and ``loss_vs_radius`` return, or the same read back from ``analysis.json``): one
 model per figure, or several overlaid (``overlay_*``: one labelled curve per model or group of models).
+``split`` names the data the loss was measured on (``train``, ``test``, ``val``) in the axis labels.
 
 Figures are drawn on matplotlib's Agg canvas directly, without pyplot, so plotting neither needs a
 display nor changes the backend of the program that calls it.
@@ -36,7 +37,7 @@ def save_figure(fig: Figure, path: PathLike) -> Path:
     return path
 
 
-def plot_density(result: Dict[str, Any], path: PathLike) -> Path:
+def plot_density(result: Dict[str, Any], path: PathLike, split: str = "train") -> Path:
     """The SLQ eigenvalue density on a log scale (the bulk near 0 and the few outliers both show)."""
     grid, density = np.asarray(result["grid"]), np.asarray(result["density"])
     fig = new_figure()
@@ -46,26 +47,27 @@ def plot_density(result: Dict[str, Any], path: PathLike) -> Path:
     ax.set_ylim(bottom=floor)
     ax.set_xlabel("eigenvalue")
     ax.set_ylabel("density")
-    ax.set_title(f"Hessian eigenvalue density (SLQ, σ = {result['sigma']:.3g})")
+    ax.set_title(f"Hessian eigenvalue density of the {split} loss (SLQ, σ = {result['sigma']:.3g})")
     return save_figure(fig, path)
 
 
-def plot_landscape_1d(result: Dict[str, Any], path: PathLike) -> Path:
+def plot_landscape_1d(result: Dict[str, Any], path: PathLike, split: str = "train") -> Path:
     """Loss along the 1-D slice, with the accuracy on a second axis when there is one."""
     fig = new_figure()
     ax = fig.add_subplot()
     ax.plot(result["alphas"], result["loss"], color="C0", marker=".")
     ax.set_xlabel("α (filter-normalised direction)")
-    ax.set_ylabel("train loss", color="C0")
+    ax.set_ylabel(f"{split} loss", color="C0")
     if result.get("accuracy") is not None:
         twin = ax.twinx()
         twin.plot(result["alphas"], result["accuracy"], color="C1", linestyle="--")
-        twin.set_ylabel("train accuracy", color="C1")
+        twin.set_ylabel(f"{split} accuracy", color="C1")
     ax.set_title("1-D loss landscape")
     return save_figure(fig, path)
 
 
-def plot_landscape_2d(result: Dict[str, Any], path: PathLike, title: str = "2-D loss landscape") -> Path:
+def plot_landscape_2d(result: Dict[str, Any], path: PathLike, title: str = "2-D loss landscape",
+                      split: str = "train") -> Path:
     """Contours of the loss over the 2-D slice; the trained weights are the cross at the origin."""
     alphas, betas = np.asarray(result["alphas"]), np.asarray(result["betas"])
     loss = np.asarray(result["loss"]).T  # contour wants rows along β (y), columns along α (x)
@@ -76,7 +78,7 @@ def plot_landscape_2d(result: Dict[str, Any], path: PathLike, title: str = "2-D 
     levels = np.geomspace(low, high, 25) if low > 0 and high > low else 25
     filled = ax.contourf(alphas, betas, loss, levels=levels, cmap="viridis")
     ax.contour(alphas, betas, loss, levels=levels, colors="k", linewidths=0.4)
-    fig.colorbar(filled, ax=ax, label="train loss", format="%.3g")
+    fig.colorbar(filled, ax=ax, label=f"{split} loss", format="%.3g")
     ax.plot([0], [0], marker="+", color="w", markersize=12)
     ax.set_xlabel("α")
     ax.set_ylabel("β")
@@ -85,7 +87,7 @@ def plot_landscape_2d(result: Dict[str, Any], path: PathLike, title: str = "2-D 
     return save_figure(fig, path)
 
 
-def plot_loss_vs_radius(result: Dict[str, Any], path: PathLike) -> Path:
+def plot_loss_vs_radius(result: Dict[str, Any], path: PathLike, split: str = "train") -> Path:
     """Mean loss under random perturbation against the radius σ on a log axis, the band of
     ±1 std and the min–max range shaded, the clean loss dashed and, when computed, the loss along
     the SAM direction of the matching norm ρ(σ)."""
@@ -106,7 +108,7 @@ def plot_loss_vs_radius(result: Dict[str, Any], path: PathLike) -> Path:
     ax.set_xscale("log")
     _log_scale_if_wide(ax)  # the SAM direction can reach losses orders of magnitude above the random ones
     ax.set_xlabel("radius σ (filter-wise)")
-    ax.set_ylabel("train loss")
+    ax.set_ylabel(f"{split} loss")
     ax.set_title("Loss under weight perturbation")
     ax.legend()
     return save_figure(fig, path)
@@ -129,7 +131,7 @@ def _same(groups: Groups, key: str) -> np.ndarray:
     return first
 
 
-def overlay_loss_vs_radius(groups: Groups, path: PathLike) -> Path:
+def overlay_loss_vs_radius(groups: Groups, path: PathLike, split: str = "train") -> Path:
     """Mean loss under random perturbation against the radius σ, one curve per group, with a band of
     ±1 std over every draw of the group (of every model in it: the spread of draws and of seeds)."""
     radii = _same(groups, "radii")
@@ -145,13 +147,13 @@ def overlay_loss_vs_radius(groups: Groups, path: PathLike) -> Path:
     ax.set_xscale("log")
     _log_scale_if_wide(ax)
     ax.set_xlabel("radius σ (filter-wise)")
-    ax.set_ylabel("train loss")
+    ax.set_ylabel(f"{split} loss")
     ax.set_title("Loss under random weight perturbation (mean, ±1 std band)")
     ax.legend()
     return save_figure(fig, path)
 
 
-def overlay_density(groups: Groups, path: PathLike) -> Path:
+def overlay_density(groups: Groups, path: PathLike, split: str = "train") -> Path:
     """The SLQ eigenvalue densities on one grid and one broadening ``σ`` (1 % of the Ritz values'
     overall range), one curve per group with its probes pooled; a group of several models shows the
     range of their own densities as a band."""
@@ -173,12 +175,12 @@ def overlay_density(groups: Groups, path: PathLike) -> Path:
     ax.set_ylim(bottom=floor)
     ax.set_xlabel("eigenvalue")
     ax.set_ylabel("density")
-    ax.set_title(f"Hessian eigenvalue density (SLQ, σ = {sigma:.3g})")
+    ax.set_title(f"Hessian eigenvalue density of the {split} loss (SLQ, σ = {sigma:.3g})")
     ax.legend()
     return save_figure(fig, path)
 
 
-def overlay_landscape_1d(groups: Groups, path: PathLike) -> Path:
+def overlay_landscape_1d(groups: Groups, path: PathLike, split: str = "train") -> Path:
     """The loss along each model's own 1-D filter-normalised slice (same seed, so the same draw
     before normalisation), one curve per group: the mean, and the range of a group's models as a band."""
     alphas = _same(groups, "alphas")
@@ -191,7 +193,7 @@ def overlay_landscape_1d(groups: Groups, path: PathLike) -> Path:
         ax.plot(alphas, losses.mean(0), color=f"C{i}", marker=".", label=label)
     _log_scale_if_wide(ax)
     ax.set_xlabel("α (filter-normalised direction)")
-    ax.set_ylabel("train loss")
+    ax.set_ylabel(f"{split} loss")
     ax.set_title("1-D loss landscapes")
     ax.legend()
     return save_figure(fig, path)
@@ -204,13 +206,13 @@ OVERLAYS: Dict[str, Any] = {
 }
 
 
-def overlay(groups: Groups, out_dir: PathLike, prefix: str = "") -> Dict[str, str]:
+def overlay(groups: Groups, out_dir: PathLike, prefix: str = "", split: str = "train") -> Dict[str, str]:
     """Every overlay the results allow, one PNG per analysis in ``out_dir`` (``{prefix}{name}.png``);
-    ``groups`` hold whole ``analyze`` results. Returns name → path."""
+    ``groups`` hold whole ``analyze`` results, all measured on ``split``. Returns name → path."""
     written = {}
     for name, plot in OVERLAYS.items():
         parts = [(label, [r[name] for r in results]) for label, results in groups
                  if all(name in r for r in results)]
         if parts:
-            written[name] = str(plot(parts, Path(out_dir) / f"{prefix}{name}.png"))
+            written[name] = str(plot(parts, Path(out_dir) / f"{prefix}{name}.png", split=split))
     return written

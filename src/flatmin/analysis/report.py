@@ -37,11 +37,13 @@ def analyze(
     seed: int = 0,
     *,
     progress: bool = False,
+    split: str = "train",
     **options: Optional[Dict[str, Any]],
 ) -> Dict[str, Any]:
     """Run the analyses named in ``what``, write ``analysis.json`` and one PNG per plot into
-    ``out_dir``, and return the same dict: a key per part, ``seed`` and ``plots`` (name → PNG path).
-    With ``out_dir=None`` nothing is written and ``plots`` is empty.
+    ``out_dir``, and return the same dict: a key per part, ``seed``, ``split`` and ``plots`` (name →
+    PNG path). With ``out_dir=None`` nothing is written and ``plots`` is empty. ``split`` names the
+    data the batches come from (``train``, ``test``, ``val``), for the plots' axes and the record.
 
     ``what`` holds groups (``hessian`` = eigenvalues, trace, density; ``landscape`` = 1-D and 2-D
     slices; ``radius``) or single parts (``eigenvalues``, ``trace``, ``density``, ``landscape_1d``,
@@ -75,7 +77,7 @@ def analyze(
     if unknown:
         raise TypeError(f"options for unknown analyses: {sorted(unknown)}")
     batches = materialize(batches)
-    result: Dict[str, Any] = {"seed": seed}
+    result: Dict[str, Any] = {"seed": seed, "split": split}
     for name in parts:
         run, _ = PARTS[name]
         value = run(model, loss_fn, batches, seed=seed, progress=progress, **(options.get(name) or {}))
@@ -84,15 +86,16 @@ def analyze(
         result[name] = value
     result["plots"] = {}
     if out_dir is not None:
-        result["plots"] = plot_parts(result, out_dir)
+        result["plots"] = plot_parts(result, out_dir, split)
         with open(Path(out_dir) / "analysis.json", "w") as f:
             json.dump(result, f, indent=1)
     return result
 
 
-def plot_parts(result: Dict[str, Any], out_dir: Union[str, Path]) -> Dict[str, str]:
-    """One PNG per plotted part of an ``analyze`` result in ``out_dir``; returns name → path."""
+def plot_parts(result: Dict[str, Any], out_dir: Union[str, Path], split: str = "train") -> Dict[str, str]:
+    """One PNG per plotted part of an ``analyze`` result in ``out_dir``, the loss axes naming
+    ``split``; returns name → path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    return {name: str(plot(result[name], out / f"{name}.png"))
+    return {name: str(plot(result[name], out / f"{name}.png", split=split))
             for name, (_, plot) in PARTS.items() if plot is not None and name in result}

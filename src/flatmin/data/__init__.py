@@ -32,7 +32,8 @@ Loader = Union[BatchLoader, FolderLoader]
 
 
 def load_dataset(name: str, data_dir: Optional[Union[str, os.PathLike]] = None, val_fraction: float = 0.0,
-                 seed: int = 0, cutout: int = 0, image_size: int = 224) -> Union[Dataset, FolderDataset]:
+                 seed: int = 0, cutout: int = 0, image_size: Optional[int] = None,
+                 normalize: Optional[str] = None) -> Union[Dataset, FolderDataset]:
     """The data set ``name`` (one of :data:`DATASETS`).
 
     Args:
@@ -42,7 +43,10 @@ def load_dataset(name: str, data_dir: Optional[Union[str, os.PathLike]] = None, 
         val_fraction: hold out this fraction of TRAIN, stratified by class, as ``val_x``/``val_y``.
         seed: fixes which samples the validation split holds.
         cutout: CIFAR only: the side of the square Cutout zeroes in every training image (0: off).
-        image_size: ``imagefolder`` only: the side of the crops.
+        image_size: ``imagefolder`` only: the side of the square crops (default: the images' own
+            size, at most 224; see :mod:`flatmin.data.imagefolder`).
+        normalize: ``imagefolder`` only: ``"data"`` (the training images' channel mean and std, the
+            default) or ``"imagenet"``.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown data {name!r}: choose one of {', '.join(DATASETS)}")
@@ -52,13 +56,16 @@ def load_dataset(name: str, data_dir: Optional[Union[str, os.PathLike]] = None, 
         raise ValueError(f"cutout={cutout} is not allowed: it must be >= 0 (0 turns it off)")
     if cutout and name not in ("cifar10", "cifar100"):
         raise ValueError(f"cutout={cutout} is not allowed for {name}: Cutout applies to cifar10 and cifar100 only")
+    for option, value in (("image_size", image_size), ("normalize", normalize)):
+        if value is not None and name != "imagefolder":
+            raise ValueError(f"{option}={value!r} is not allowed for {name}: it applies to imagefolder only")
     if data_dir is not None:
         data_dir = Path(data_dir).expanduser()  # a config file's "~/data" reaches us unexpanded
     if name == "imagefolder":
         if val_fraction:
             raise ValueError(f"val_fraction={val_fraction} is not allowed for imagefolder: its val/ folder is "
                              f"the held-out split; use 0")
-        return load_imagefolder(data_dir, image_size)
+        return load_imagefolder(data_dir, image_size, normalize)
     if name == "digits":
         ds = load_digits()
     elif name == "mnist1d":
@@ -73,7 +80,8 @@ def make_loaders(ds: Union[Dataset, FolderDataset], batch_size: int, device: Uni
                  shard: Tuple[int, int] = (0, 1)) -> Tuple[Loader, Dict[str, Loader]]:
     """The training loader (shuffled, augmented) and the evaluation loaders by split name: ``train``
     (the training set unaugmented), ``test``, and ``val`` when ``ds`` has one. An image-folder data
-    set gets ``test`` only, since a pass over a large training set per evaluation is too costly.
+    set gets ``test`` only (its ``val/`` folder), since a pass over a large training set per
+    evaluation is too costly; :func:`split_loader` serves its other splits.
 
     With ``shard = (rank, world)`` the training loader yields this rank's share of every global
     batch, and each evaluation loader covers every ``world``-th sample from ``rank`` on, so that
@@ -102,4 +110,25 @@ def make_loaders(ds: Union[Dataset, FolderDataset], batch_size: int, device: Uni
     return train, evals
 
 
-__all__ = ["DATASETS", "BatchLoader", "Dataset", "FolderDataset", "FolderLoader", "load_dataset", "make_loaders"]
+def splits(ds: Union[Dataset, FolderDataset]) -> Tuple[str, ...]:
+    """The split names of ``ds``: ``train`` and ``test``, and ``val`` when ``--val-fraction`` held one out."""
+    return ("train", "test") + (("val",) if getattr(ds, "val_x", None) is not None else ())
+
+
+def split_loader(ds: Union[Dataset, FolderDataset], split: str, batch_size: int,
+                 device: Union[str, torch.device] = "cpu", seed: int = 0) -> Loader:
+    """A loader of ``split`` (``train``, ``test`` or ``val``, see :func:`splits`) without augmentation,
+    for measuring a model on its first batches. In-memory data comes in its stored order; an image
+    folder's, stored by class, comes in an order fixed by ``seed``, so that the first batches hold
+    every class. A ``ValueError`` names the splits there are when ``ds`` has no ``split``."""
+    if split not in splits(ds):
+        raise ValueError(f"split={split!r} is not allowed for this {ds.name}: it has {', '.join(splits(ds))}")
+    if isinstance(ds, FolderDataset):
+        folder = (ds.train if split == "train" else ds.test).unaugmented()
+        return FolderLoader(folder, batch_size, shuffle=True, seed=seed, device=device)
+    x, y = {"train": (ds.train_x, ds.train_y), "test": (ds.test_x, ds.test_y), "val": (ds.val_x, ds.val_y)}[split]
+    return BatchLoader(x, y, batch_size, shuffle=False, transform=ds.transform, device=device)
+
+
+__all__ = ["DATASETS", "BatchLoader", "Dataset", "FolderDataset", "FolderLoader", "load_dataset", "make_loaders",
+           "split_loader", "splits"]

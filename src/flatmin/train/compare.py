@@ -11,16 +11,17 @@ from __future__ import annotations
 import csv
 import dataclasses
 import multiprocessing
-import os
 import statistics
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
 
 from ..analysis.plots import overlay
 from . import compare_plots
 from .config import METHOD_DEFAULTS, METHOD_HPARAMS, PROGRESS_MODES, ConfigError, TrainConfig, choice, output_folder
 from .flatness import OVERLAY_PARTS, analyze_checkpoint, write_json
-from .loop import train
+from .loop import RUN_FILES, train
 from .stats import paired_t_interval
 
 # The flatness overlay of every trained model (--flatness N): modest settings, so that it costs a
@@ -37,7 +38,9 @@ BUDGET_TEXT = {
 
 
 def run_configs(base: TrainConfig, methods: Sequence[str], seeds: int) -> List[TrainConfig]:
-    """One config per (method, seed): ``base`` with the method, the seed and its own output folder.
+    """One config per (method, seed): ``base`` with the method, the seed and its own output folder,
+    and ``threads`` fixed (``base.threads``, 1 when unset): a run's numbers depend on its CPU thread
+    count, so fixing it makes them independent of ``jobs`` and of the machine's core count.
 
     Hyperparameters set in ``base`` apply to the methods that have them (``sigma`` to the RWP
     family, ``rho`` to SAM/ASAM) and are left out for the others.
@@ -59,7 +62,8 @@ def run_configs(base: TrainConfig, methods: Sequence[str], seeds: int) -> List[T
         own = {name: getattr(base, name) if name in METHOD_DEFAULTS[method] else None for name in METHOD_HPARAMS}
         for seed in range(base.seed, base.seed + seeds):
             out = str(Path(base.out) / method / f"seed{seed}")
-            configs.append(dataclasses.replace(base, method=method, seed=seed, out=out, progress="none", **own))
+            configs.append(dataclasses.replace(base, method=method, seed=seed, out=out, progress="none",
+                                               threads=1 if base.threads is None else base.threads, **own))
     for cfg in configs:
         cfg.validate()
     return configs
@@ -75,12 +79,6 @@ def _run(cfg: TrainConfig) -> Tuple[Dict[str, Any], Optional[Dict[str, Any]]]:
     return summary, entry
 
 
-def _worker_init(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-
-
 def compare(base: TrainConfig, methods: Sequence[str], seeds: int = 3, jobs: int = 1,
             log: Any = print) -> List[Dict[str, Any]]:
     """Train every (method, seed) under ``base.budget``; write ``results.csv``, ``results.md``,
@@ -91,6 +89,12 @@ def compare(base: TrainConfig, methods: Sequence[str], seeds: int = 3, jobs: int
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ConfigError(f"jobs={jobs!r} is not allowed: it must be an integer >= 1")
     configs = run_configs(base, methods, seeds)
+    if not base.overwrite:  # refused before any run, not after the first ones are done
+        taken = [cfg.out for cfg in configs if any((Path(cfg.out) / name).exists() for name in RUN_FILES)]
+        if taken:
+            more = f" and {len(taken) - 1} more" if len(taken) > 1 else ""
+            raise ConfigError(f"out={base.out!r} holds runs of an earlier comparison ({taken[0]}{more}): pass "
+                              f"--overwrite to train them again, or choose another --out")
     out = output_folder(base.out)
     summaries: List[Dict[str, Any]] = []
     entries: List[Dict[str, Any]] = []
@@ -105,13 +109,17 @@ def compare(base: TrainConfig, methods: Sequence[str], seeds: int = 3, jobs: int
             f"train time {summary['train_time_s']:.1f} s")
 
     if jobs == 1:
-        for i, cfg in enumerate(configs):
-            report(i, _run(cfg))
+        threads = torch.get_num_threads()
+        try:
+            for i, cfg in enumerate(configs):
+                report(i, _run(cfg))
+        finally:
+            torch.set_num_threads(threads)  # each run set its own; the caller gets its count back
     else:
-        # Each worker gets its share of the cores; every run then trains under the same conditions.
-        threads = max(1, (os.cpu_count() or 1) // jobs)
+        # Every run sets its own thread count (run_configs), so a worker's share of the cores does
+        # not depend on how many there are.
         context = multiprocessing.get_context("spawn")
-        with context.Pool(jobs, initializer=_worker_init, initargs=(threads,)) as pool:
+        with context.Pool(jobs) as pool:
             for i, result in enumerate(pool.imap(_run, configs)):
                 report(i, result)
             # Let the workers exit on their own: the context's terminate() kills them, and a killed

@@ -67,10 +67,13 @@ HPARAM_RANGES = {"sigma": (0.0, math.inf, True), "sigma_inc": (0.0, math.inf, Tr
 # The only settings a resumed run may change: where and how it runs, and how long. A sharded (fsdp)
 # run writes the checkpoint of an unsharded one, so either resumes as the other.
 RESUMABLE_CHANGES = ("epochs", "device", "out", "progress", "threads", "num_workers", "data_dir", "eval_batch_size",
-                     "flatness", "stop_after", "log", "fsdp")
+                     "flatness", "stop_after", "log", "fsdp", "overwrite")
 # Settings of one invocation, not of the run: a resumed run does not inherit them from its checkpoint
 # (a run stopped with --stop-after continues to the end of its schedule unless it is given again).
-NOT_INHERITED = ("stop_after",)
+NOT_INHERITED = ("stop_after", "overwrite")
+# Settings whose default changed, with the value a checkpoint written before they existed was
+# trained with: flatmin 0.2.0 and earlier cropped image folders to 224 px with ImageNet's statistics.
+LEGACY_DEFAULTS = {"imagefolder": {"image_size": 224, "normalize": "imagenet"}}
 
 
 class ConfigError(ValueError):
@@ -114,14 +117,17 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "seed of initialisation, data order, augmentation and noise"})
     val_fraction: float = field(default=0.0, metadata={"help": "hold out this fraction of TRAIN as a validation split"})
     cutout: int = field(default=0, metadata={"help": "CIFAR Cutout square size (0: off)"})
+    image_size: Optional[int] = field(default=None, metadata={"help": "imagefolder: side of the square crops the model sees (default: the training images' median short side, at most 224; smaller images are enlarged only when this asks for more)"})
+    normalize: Optional[str] = field(default=None, metadata={"help": "imagefolder: per-channel normalisation, data (mean and std of a fixed sample of up to 512 training images) or imagenet (ImageNet's) (default: data)"})
     num_workers: int = field(default=0, metadata={"help": "data-loading workers (imagefolder)"})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda or cuda:N"})
     amp: Optional[str] = field(default=None, metadata={"help": "mixed precision: bf16 or fp16"})
-    threads: Optional[int] = field(default=None, metadata={"help": "CPU threads for torch (default: torch's)"})
+    threads: Optional[int] = field(default=None, metadata={"help": "CPU threads for torch; None: torch's default, one per core. The numbers of a CPU run depend on it"})
     stop_after: Optional[int] = field(default=None, metadata={"help": "stop once this many epochs of the schedule are done (checkpointed); continue later with --resume"})
     flatness: int = field(default=0, metadata={"help": "batches of training data for the Hessian's top eigenvalue and trace in the summary (0: skip)"})
     log: Optional[str] = field(default=None, metadata={"help": "also log to: tensorboard (event files in the output folder; needs flatmin[tensorboard])"})
     out: str = field(default="runs/train", metadata={"help": "output folder: metrics.jsonl, summary.json, checkpoint.pt"})
+    overwrite: bool = field(default=False, metadata={"help": "replace the run already in the output folder (without it, a folder holding a checkpoint.pt or summary.json is refused; compare: every run folder under --out)"})
     progress: str = field(default="auto", metadata={"help": "auto (bar on a terminal, log lines otherwise), bar, log, none"})
 
     def hparams(self) -> Dict[str, Any]:
@@ -169,6 +175,14 @@ class TrainConfig:
             raise ConfigError(f"num_workers={self.num_workers} is not allowed: it must be >= 0")
         if self.cutout < 0:
             raise ConfigError(f"cutout={self.cutout} is not allowed: it must be >= 0")
+        if self.image_size is not None:
+            positive_int("image_size", self.image_size)
+        if self.normalize is not None:
+            choice("normalize", self.normalize, ("data", "imagenet"))
+        for name in ("image_size", "normalize"):
+            if getattr(self, name) is not None and self.data != "imagefolder":
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not allowed for {self.data}: it applies to "
+                                  f"imagefolder only")
         if not 0 <= self.seed < 2**63:
             raise ConfigError(f"seed={self.seed} is not allowed: it must be an integer in [0, 2**63)")
         check_range("lr", self.lr, 0.0, math.inf, low_open=True, high_open=True)
@@ -234,6 +248,13 @@ class TrainConfig:
                 raise ConfigError(f"{where}: unknown setting {key!r}; known settings: {', '.join(sorted(names))}")
             clean[name] = value
         return cls(**clean)
+
+
+def with_legacy_defaults(saved: Dict[str, Any]) -> Dict[str, Any]:
+    """The settings of a checkpoint's config, completed with ``LEGACY_DEFAULTS`` for the settings it
+    predates, so that it is resumed and analysed as it was trained."""
+    legacy = LEGACY_DEFAULTS.get(saved.get("data"), {})
+    return {**{k: v for k, v in legacy.items() if k not in saved}, **saved}
 
 
 def load_yaml(path: str) -> Dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch.nn.functional as F
 
 from ..analysis import analyze
-from ..data import make_loaders
+from ..data import split_loader, splits
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import ConfigError
 from .loop import load_trained
@@ -27,17 +27,20 @@ def analyze_checkpoint(checkpoint: Union[str, Path], what: Sequence[str] = OVERL
                        batch_size: int, split: str = "train", seed: int = 0, device: str = "cpu",
                        progress: bool = False, options: Optional[Dict[str, Dict[str, Any]]] = None) -> Dict[str, Any]:
     """``analyze`` of the model in a checkpoint written by ``flatmin train``, on the first ``batches``
-    batches of ``split`` (unaugmented, in stored order). Returns the result with what the run was:
-    ``checkpoint``, ``label`` ("method seed N"), ``method``, ``seed`` (the run's), ``data``, ``model``,
-    and ``analysis_seed``."""
+    batches of ``split`` (unaugmented; see :func:`flatmin.data.split_loader` for their order):
+    ``train`` (the training set, an image folder's ``train/``), ``test`` (an image folder's ``val/``)
+    or ``val`` (the part of train that the run's ``val_fraction`` held out). Returns the result with
+    what the run was: ``checkpoint``, ``label`` ("method seed N"), ``method``, ``seed`` (the run's),
+    ``data``, ``model``, ``split`` and ``analysis_seed``."""
     cfg, model, dataset = load_trained(str(checkpoint), device)
-    _, loaders = make_loaders(dataset, batch_size=batch_size, eval_batch_size=batch_size,
-                              device=next(model.parameters()).device, seed=seed)
-    if split not in loaders:
-        raise ConfigError(f"--split {split}: this run has no {split} split (it has {', '.join(loaders)}; {checkpoint})")
-    data = list(itertools.islice(iter(loaders[split]), batches))
+    if split not in splits(dataset):
+        held = " (val is the part of train a run holds out with --val-fraction)" if split == "val" else ""
+        raise ConfigError(f"--split {split}: this run has no {split} split{held}; it has "
+                          f"{', '.join(splits(dataset))} ({checkpoint})")
+    loader = split_loader(dataset, split, batch_size, device=next(model.parameters()).device, seed=seed)
+    data = list(itertools.islice(iter(loader), batches))
     result = analyze(model, F.cross_entropy, data, what=what, out_dir=None, seed=seed, progress=progress,
-                     **(options or {}))
+                     split=split, **(options or {}))
     del result["plots"]
     result["analysis_seed"] = result.pop("seed")
     return {"checkpoint": str(checkpoint), "label": f"{cfg.method} seed {cfg.seed}", "method": cfg.method,

@@ -19,20 +19,21 @@ import time
 from contextlib import nullcontext
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import __version__
 from ..analysis import hessian_eigenvalues, hessian_trace
-from ..data import load_dataset, make_loaders
+from ..data import FolderDataset, load_dataset, make_loaders, split_loader
 from ..distributed import DistEnv, ParallelMixedStep, average_gradients, broadcast_buffers, cleanup, init_distributed
 from ..losses import NRSLoss
 from ..models import create_model
 from ..optim import CosineIncSigma, create
 from ..optim.base import WrappedOptimizer
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .config import RESUMABLE_CHANGES, ConfigError, TrainConfig, check_device, output_folder
+from .config import RESUMABLE_CHANGES, ConfigError, TrainConfig, check_device, output_folder, with_legacy_defaults
 from .progress import Progress
 from .tensorboard import TensorBoardLog
 
@@ -40,6 +41,8 @@ Batch = Tuple[Tensor, Tensor]
 # What a checkpoint of a run holds (see Trainer._checkpoint), all needed to resume it.
 RUN_ENTRIES = ("config", "epoch", "train_time", "history", "model", "optimizer", "lr_schedule", "sigma_schedule",
                "scaler", "nrs", "rng")
+# The files that make a folder a run's: a fresh run there is refused without ``overwrite``.
+RUN_FILES = ("checkpoint.pt", "summary.json")
 
 
 def cosine_with_warmup(total_updates: int, warmup_updates: int) -> Callable[[int], float]:
@@ -135,6 +138,9 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, resume: Optional[str] = None) -> None:
         self.cfg = cfg.validate()
         checkpoint = None
+        if resume is not None and cfg.overwrite:
+            raise ConfigError("--overwrite does not combine with --resume: resume continues the run in the folder, "
+                              "overwrite replaces it; drop one of them")
         if resume is not None:
             checkpoint = load_checkpoint(resume, require=RUN_ENTRIES)
             self._check_compatible(checkpoint["config"], resume)
@@ -148,7 +154,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
 
         self.dataset = load_dataset(cfg.data, data_dir=cfg.data_dir, val_fraction=cfg.val_fraction,
-                                    seed=0, cutout=cfg.cutout)
+                                    seed=0, cutout=cfg.cutout, image_size=cfg.image_size, normalize=cfg.normalize)
         self.train_loader, self.eval_loaders = make_loaders(
             self.dataset, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
             device=self.device, seed=cfg.seed, num_workers=cfg.num_workers,
@@ -227,11 +233,27 @@ class Trainer:
             self._restore(checkpoint, resume)
         # Built after the restore: it starts every rank from rank 0's weights, buffers and noise state.
         self.parallel_step = ParallelMixedStep(self.optimizer, self.model) if cfg.parallel else None
+        if checkpoint is None:
+            self._claim_folder()  # last of the checks: a bad setting is reported as itself, not as this
         self.tensorboard = (TensorBoardLog(self.out, first_epoch=self.epoch + 1)
                             if cfg.log == "tensorboard" and self.env.is_main else None)
 
+    def _claim_folder(self) -> None:
+        """A fresh run's output folder must not hold another run, unless ``overwrite`` says to replace
+        it (its checkpoint and summary are removed now, so that none of the old run outlives the new)."""
+        found = [name for name in RUN_FILES if (self.out / name).exists()]
+        if not found:
+            return
+        if not self.cfg.overwrite:
+            raise ConfigError(f"out={self.cfg.out!r} holds a run already ({', '.join(found)}): pass --resume to "
+                              f"continue it or --overwrite to replace it, or choose another --out")
+        if self.env.is_main:
+            for name in found:
+                (self.out / name).unlink(missing_ok=True)
+
     # ------------------------------------------------------------------ resume
     def _check_compatible(self, saved: Dict[str, Any], where: str) -> None:
+        saved = with_legacy_defaults(saved)
         changed = [f"{k} (checkpoint: {saved.get(k)!r}, now: {v!r})"
                    for k, v in self.cfg.to_dict().items() if k not in RESUMABLE_CHANGES and saved.get(k) != v]
         if changed:
@@ -419,7 +441,9 @@ class Trainer:
         result: Dict[str, Any] = {
             "config": cfg.to_dict(),
             "hparams": cfg.hparams(),
-            "versions": {"flatmin": __version__, "torch": torch.__version__, "python": platform.python_version()},
+            "versions": {"flatmin": __version__, "torch": torch.__version__, "numpy": np.__version__,
+                         "python": platform.python_version()},
+            "threads": torch.get_num_threads(),  # CPU threads: the numbers of a CPU run depend on them
             "seed": cfg.seed,
             "method": cfg.method,
             "budget": cfg.budget,
@@ -439,6 +463,8 @@ class Trainer:
             result[f"{split}_loss"], result[f"{split}_acc"] = evaluate(self.model, loader, self.amp, self.distributed,
                                                                       self.filler)
         result["workers"] = self.env.world_size
+        if isinstance(self.dataset, FolderDataset):
+            result["preprocessing"] = self.dataset.preprocessing
         if "train_acc" in result and "test_acc" in result:
             result["gap"] = result["train_acc"] - result["test_acc"]
         if self.wrapped:
@@ -446,8 +472,11 @@ class Trainer:
         # The Hessian of a sharded model is taken on rank 0 from an unsharded copy (gathered by all ranks).
         model = self._unsharded_model() if cfg.flatness and cfg.fsdp else self.model
         if cfg.flatness and self.env.is_main:
-            batches = list(itertools.islice(iter(self.eval_loaders["train" if "train" in self.eval_loaders else "test"]),
-                                            cfg.flatness))
+            # The training split: an image folder's from split_loader (its evaluation loaders hold test only).
+            train_data = (split_loader(self.dataset, "train", cfg.eval_batch_size, self.device, seed=cfg.seed)
+                          if isinstance(self.dataset, FolderDataset) else self.eval_loaders["train"])
+            batches = list(itertools.islice(iter(train_data), cfg.flatness))
+            result["flatness_split"] = "train"
             loss = nn.CrossEntropyLoss()
             result["hessian_top"] = hessian_eigenvalues(model, loss, batches, k=1, iters=30, tol=1e-3,
                                                         seed=cfg.seed)[0]
@@ -478,8 +507,9 @@ def load_trained(checkpoint: str, device: str = "cpu") -> Tuple[TrainConfig, nn.
     """The config, the trained model (eval mode, on ``device``) and the data set of a checkpoint
     written by ``flatmin train``."""
     ckpt = load_checkpoint(checkpoint, require=("config", "model"))
-    cfg = TrainConfig.from_dict(ckpt["config"], where=str(checkpoint))
-    dataset = load_dataset(cfg.data, data_dir=cfg.data_dir, val_fraction=cfg.val_fraction, seed=0, cutout=0)
+    cfg = TrainConfig.from_dict(with_legacy_defaults(ckpt["config"]), where=str(checkpoint))
+    dataset = load_dataset(cfg.data, data_dir=cfg.data_dir, val_fraction=cfg.val_fraction, seed=0, cutout=0,
+                           image_size=cfg.image_size, normalize=cfg.normalize)
     model = create_model(cfg.model, dataset.num_classes, dataset.input_shape)
     try:
         model.load_state_dict(ckpt["model"])
