@@ -42,8 +42,7 @@ def analyze(
 ) -> Dict[str, Any]:
     """Run the analyses named in ``what``, write ``analysis.json`` and one PNG per plot into
     ``out_dir``, and return the same dict: a key per part, ``seed``, ``split`` and ``plots`` (name →
-    PNG path). With ``out_dir=None`` nothing is written and ``plots`` is empty. ``split`` names the
-    data the batches come from (``train``, ``test``, ``val``), for the plots' axes and the record.
+    PNG path). With ``out_dir=None`` nothing is written and ``plots`` is empty.
 
     ``what`` holds groups (``hessian`` = eigenvalues, trace, density; ``landscape`` = 1-D and 2-D
     slices; ``radius``) or single parts (``eigenvalues``, ``trace``, ``density``, ``landscape_1d``,
@@ -59,10 +58,12 @@ def analyze(
         out_dir: the folder for ``analysis.json`` and the PNGs (made if missing), or ``None``.
         seed: the seed of every part.
         progress: show progress bars.
+        split: the split the batches come from (``train``, ``test``, ``val``), named in the plots
+            and the record.
         **options: keyword arguments per part, by part name.
 
     Returns:
-        The results by part name, with ``seed`` and ``plots``.
+        The results by part name, with ``seed``, ``split`` and ``plots``.
 
     Raises:
         ValueError: an unknown name in ``what``, no batch, or a bad option of a part.
