@@ -8,13 +8,20 @@ method with the same seed on the same global batches: the noise does not depend 
 processes, filter-wise scales and ARWP's statistics are right on every shard, SAM's norm is global.
 Models and data are float64, so equal means to ~1e-12; the bar asserted is 1e-9.
 """
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import flatmin
+from flatmin.distributed import fsdp
 from workers import launch, serve
+
+# flatmin refuses FSDP2 on a torch older than fsdp.FSDP2_SINCE (docs/install.md).
+needs_fsdp2 = pytest.mark.skipif(torch.torch_version.TorchVersion(torch.__version__) < fsdp.FSDP2_SINCE,
+                                 reason=f"flatmin's FSDP2 needs torch >= {fsdp.FSDP2_SINCE}")
 
 STEPS = 3
 BATCH = 8
@@ -147,6 +154,7 @@ def reference(method: str):
             "generator": noise_owner.generator.get_state()}
 
 
+@needs_fsdp2
 @pytest.mark.parametrize("world", ["two", "four"])
 @pytest.mark.parametrize("method", METHODS)
 def test_sharded_run_equals_one_process(method, world, request):
@@ -164,6 +172,7 @@ def test_sharded_run_equals_one_process(method, world, request):
         assert got["F_is_dtensor"], "ARWP's F of a sharded parameter must be sharded like it"
 
 
+@needs_fsdp2
 @pytest.mark.parametrize("method", ["m-arwp", "sam", "rwp"])
 def test_running_statistics_follow_the_method_on_every_shard(method, two):
     # Each process's BatchNorm sees its own slice of the batch; only the pass the method names
@@ -172,6 +181,20 @@ def test_running_statistics_follow_the_method_on_every_shard(method, two):
         want = bn_step(method, bn_model(), bn_batches(rank, 2))
         for a, b in zip(result["bn"][method], want):
             torch.testing.assert_close(a, b, rtol=0, atol=ATOL)
+
+
+def test_a_torch_older_than_the_fsdp2_bound_is_refused_in_one_line(monkeypatch, tmp_path):
+    # On a torch from FSDP2_SINCE on, pretend the bound is higher: the same check refuses.
+    if torch.torch_version.TorchVersion(torch.__version__) >= fsdp.FSDP2_SINCE:
+        monkeypatch.setattr(fsdp, "FSDP2_SINCE", "99.0")
+    one_line = (rf"^sharded training \(FSDP2\) needs torch >= {fsdp.FSDP2_SINCE}, this is torch "
+                rf"{re.escape(torch.__version__)}: upgrade torch, or train without --fsdp \(DDP\)$")
+    with pytest.raises(ValueError, match=one_line):
+        fsdp.shard_model(make_model())
+    assert not torch.distributed.is_initialized()  # refused before a process group was started
+    with pytest.raises(ValueError, match=one_line):
+        from flatmin.train import TrainConfig, train
+        train(TrainConfig(data="digits", model="mlp", epochs=1, progress="none", fsdp=True, out=str(tmp_path)))
 
 
 if __name__ == "__main__":

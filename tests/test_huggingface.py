@@ -188,6 +188,11 @@ def test_bad_arguments_are_named(tmp_path):
         FlatminTrainer(model=Classifier(), args=args, flatmin_method="mrwp")
     with pytest.raises(ValueError, match="flatmin_kwargs needs flatmin_method"):
         FlatminTrainer(model=Classifier(), args=args, flatmin_kwargs={"sigma": 0.1})
+    # Neither a method nor an optimizer: the Trainer would train its plain AdamW.
+    with pytest.raises(ValueError, match=r"FlatminTrainer needs flatmin_method= \(one of sgd, sam.*'sgd' trains as the "
+                                         r"plain Trainer\) or optimizers=\(flatmin optimizer, scheduler\)$"):
+        FlatminTrainer(model=Classifier(), args=args, train_dataset=dataset())
+    assert FlatminTrainer(model=Classifier(), args=args, flatmin_method="sgd").flatmin_method == "sgd"
     model = Classifier()
     with pytest.raises(ValueError, match="either optimizers=.* or flatmin_method, not both"):
         FlatminTrainer(model=model, args=args, optimizers=(create("rwp", model), None), flatmin_method="rwp")

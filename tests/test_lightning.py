@@ -10,8 +10,8 @@ import lightning.pytorch as L
 from lightning.pytorch.plugins.precision import MixedPrecision
 
 from flatmin.integrations.lightning import FlatminMixedPrecision, manual_step
-from integration_common import (BATCH, METHODS, assert_same_model, batches, create, data, direct, direct_pairs,
-                                make_body, docs_example)
+from integration_common import (BATCH, METHODS, assert_same_model, batches, closure_on, create, data, direct,
+                                direct_pairs, docs_example, make_body)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore:.*LeafSpec.*")
 QUIET = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -135,6 +135,27 @@ def test_lightnings_own_16_mixed_plugin_is_refused_with_a_pointer_to_the_flatmin
 def test_gradient_clipping_is_refused_under_flatmin_mixed_precision():
     with pytest.raises(ValueError, match=r"gradient_clip_val=0.5 .*max_grad_norm="):
         fit(Module("m-arwp"), n_batches=1, plugins=[FlatminMixedPrecision("16-mixed", "cpu")], gradient_clip_val=0.5)
+
+
+@pytest.mark.parametrize("name", ["sam", "rwp", "m-arwp"])
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_gradient_clipping_is_refused_with_a_pointer_to_max_grad_norm(name, precision):
+    # Lightning would clip each pass's gradient inside the closure, not the update's.
+    module = Module(name)
+    before = [p.detach().clone() for p in module.body.parameters()]
+    with pytest.raises(ValueError, match=r"^gradient_clip_val=0.5 would clip each pass's gradient .*max_grad_norm="):
+        fit(module, n_batches=1, precision=precision, gradient_clip_val=0.5)
+    assert all(torch.equal(a, b) for a, b in zip(before, module.body.parameters()))
+
+
+def test_a_plain_optimizer_keeps_lightnings_gradient_clipping():
+    module = Module("sgd")
+    fit(module, n_batches=1, gradient_clip_val=0.5)
+    want = make_body()
+    closure_on(want, batches(1))()
+    assert torch.nn.utils.clip_grad_norm_(want.parameters(), 0.5) > 0.5  # the clip matters
+    create("sgd", want).step()
+    assert_same_model(module.body, want)
 
 
 @pytest.mark.parametrize("name", ["rwp", "m-arwp"])

@@ -27,6 +27,7 @@ from flatmin.optim.base import WrappedOptimizer
 from flatmin.train import TrainConfig, train
 from flatmin.train.checkpoint import load_checkpoint
 from test_distributed import assert_close, assert_identical, shard
+from test_fsdp import needs_fsdp2
 from test_train_distributed import torchrun
 from workers import launch, serve
 
@@ -159,6 +160,7 @@ def reference(method: str):
 
 # ---------------------------------------------------------------- the tests
 
+@needs_fsdp2
 @pytest.mark.parametrize("case", CASES)
 def test_resume_on_two_processes_from_four_ends_on_the_uninterrupted_weights(four_then_two, case):
     written, resumed = four_then_two
@@ -168,6 +170,7 @@ def test_resume_on_two_processes_from_four_ends_on_the_uninterrupted_weights(fou
     assert_close(resumed["state"], written["state"])
 
 
+@needs_fsdp2
 @pytest.mark.parametrize("case", CASES)
 def test_sharded_runs_and_their_checkpoint_equal_the_unsharded_run(four_then_two, case):
     # The checkpoint holds what an unsharded run's state_dict holds: same names, shapes and values.
@@ -210,6 +213,7 @@ def assert_same_run(a, b, atol):
         assert torch.equal(a["optimizer"]["generator"], b["optimizer"]["generator"])
 
 
+@needs_fsdp2
 def test_one_process_fsdp_run_equals_the_plain_run_and_resumes_unsharded(tmp_path):
     plain = train(TrainConfig(**QUICK, method="arwp", flatness=1, out=str(tmp_path / "plain")))
     sharded_run = train(TrainConfig(**QUICK, method="arwp", fsdp=True, flatness=1, out=str(tmp_path / "fsdp")))
@@ -223,6 +227,7 @@ def test_one_process_fsdp_run_equals_the_plain_run_and_resumes_unsharded(tmp_pat
     assert_same_run(load_checkpoint(tmp_path / "cut"), plain_checkpoint, atol=1e-6)
 
 
+@needs_fsdp2
 def test_one_process_fsdp_nrs_equals_the_plain_run(tmp_path):
     # Sharded, NRS backpropagates its two branches itself (at w + ε in place, then at w); the plain
     # run evaluates the neighbour functionally. Same loss, same noise: the same weights.
@@ -256,6 +261,7 @@ def shapes(obj):
     return (obj.dtype, tuple(obj.shape)) if isinstance(obj, torch.Tensor) else type(obj)
 
 
+@needs_fsdp2
 def test_fsdp_cli_writes_the_ddp_format_and_ends_on_the_ddp_weights(fsdp_run, tmp_path):
     code, log = torchrun(*CLI, "--out", str(tmp_path / "ddp"))
     assert code == 0, log
@@ -275,6 +281,7 @@ def test_fsdp_cli_writes_the_ddp_format_and_ends_on_the_ddp_weights(fsdp_run, tm
     assert_same_run(checkpoints[0], checkpoints[1], atol=1e-5)
 
 
+@needs_fsdp2
 def test_fsdp_cli_stop_and_resume_ends_on_the_uninterrupted_weights(fsdp_run, tmp_path):
     cut = tmp_path / "cut"
     code, log = torchrun(*CLI, "--fsdp", "--stop-after", "1", "--out", str(cut))

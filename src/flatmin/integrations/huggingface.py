@@ -91,8 +91,8 @@ class FlatminTrainer(Trainer):
     Give it a flatmin optimizer, ``optimizers=(flatmin.create("m-arwp", model, ...), scheduler or
     None)``, or name the method and let the Trainer build it from its arguments
     (``args.optim``, ``learning_rate``, ``weight_decay`` with its no-decay group, ``seed``):
-    ``flatmin_method="m-arwp", flatmin_kwargs={"sigma": 0.01}``. ``flatmin_method="sgd"`` (or a
-    plain torch optimizer) trains exactly like ``Trainer``. ``trainer.flatmin_optimizer`` is the
+    ``flatmin_method="m-arwp", flatmin_kwargs={"sigma": 0.01}``; one of the two is required.
+    ``flatmin_method="sgd"`` (or a plain torch optimizer) trains exactly like ``Trainer``. ``trainer.flatmin_optimizer`` is the
     flatmin optimizer (``skipped_steps``, σ, ...).
 
     Args:
@@ -123,6 +123,10 @@ class FlatminTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if flatmin_method is not None and self.optimizer is not None:
             raise ValueError("give either optimizers=(flatmin optimizer, scheduler) or flatmin_method, not both")
+        if flatmin_method is None and self.optimizer is None:
+            # Without either, the Trainer would build its plain AdamW and no flatmin method would run.
+            raise ValueError(f"FlatminTrainer needs flatmin_method= (one of {', '.join(METHODS)}; 'sgd' trains as "
+                             "the plain Trainer) or optimizers=(flatmin optimizer, scheduler)")
         for flag, name in (("is_deepspeed_enabled", "DeepSpeed"), ("is_fsdp_enabled", "FSDP")):
             if getattr(self, flag, False):
                 raise ValueError(f"FlatminTrainer does not run under {name}: it shards the weights a flatmin method "

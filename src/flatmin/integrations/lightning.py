@@ -11,8 +11,8 @@ the same batch for both terms. What Lightning cannot do with a plain flatmin opt
   ("closure is required"). ``FlatminMixedPrecision`` hands the closure to the flatmin step instead.
 * ``accumulate_grad_batches > 1``: the accumulating batches' backward runs outside the step, at the
   unperturbed weights; flatmin refuses the gradient it would otherwise discard. Use a bigger batch.
-* ``gradient_clip_val``: Lightning clips inside the closure, i.e. each pass's gradient on its own;
-  give the flatmin optimizer ``max_grad_norm=`` to clip the update's gradient.
+* ``gradient_clip_val``: Lightning would clip inside the closure, i.e. each pass's gradient on its
+  own; flatmin refuses it. Give the flatmin optimizer ``max_grad_norm=`` to clip the update's gradient.
 
 Two consecutive batches per update (the papers' recipe for m-RWP and m-ARWP) need Lightning's
 manual optimization, where ``manual_step`` runs one update per batch pair.

@@ -15,6 +15,8 @@ Gradients from outside: every gradient an update uses is computed inside ``step`
 the method needs), so ``step`` starts from an empty ``.grad``. A gradient that appeared in ``.grad``
 since the last step (a trainer that runs backward before ``optimizer.step()``, such as Lightning
 with ``accumulate_grad_batches > 1``) would be thrown away silently; ``step`` refuses it instead.
+Lightning's ``gradient_clip_val`` is refused too: it would clip each pass's gradient inside the
+closure, where ``max_grad_norm=`` clips the update's gradient.
 """
 from __future__ import annotations
 
@@ -183,6 +185,7 @@ class WrappedOptimizer(torch.optim.Optimizer):
         if grad_scaler is not None:
             self._refuse_complex_with_scaler()
         self.register_step_pre_hook(WrappedOptimizer._refuse_outside_grads)
+        self.register_step_pre_hook(WrappedOptimizer._refuse_trainer_clipping)
         self.register_step_post_hook(WrappedOptimizer._remember_grads)
 
     def _refuse_complex_with_scaler(self) -> None:
@@ -219,6 +222,24 @@ class WrappedOptimizer(torch.optim.Optimizer):
                     "by Lightning with accumulate_grad_batches > 1), which the update would throw away; compute "
                     "every gradient inside the closure (accumulate micro-batches there) or call zero_grad() first"
                 )
+
+    def _refuse_trainer_clipping(self, args: tuple, kwargs: Dict[str, Any]) -> None:
+        """Step pre-hook: raise if Lightning would clip inside the closure (``gradient_clip_val``).
+
+        Lightning's precision plugins step with ``closure=partial(_wrap_closure, module, ...)``, which
+        clips every pass's gradient after its backward; the module's trainer holds the setting.
+        """
+        closure = args[1] if len(args) > 1 else kwargs.get("closure")
+        if not (isinstance(closure, functools.partial) and closure.args):
+            return
+        try:
+            module = closure.args[0]
+            clip = module.trainer.gradient_clip_val if module.automatic_optimization else None
+        except (AttributeError, RuntimeError):  # not a Lightning module, or one without a trainer
+            return
+        if clip:
+            raise ValueError(f"gradient_clip_val={clip} would clip each pass's gradient inside the flatmin step: "
+                             "give the flatmin optimizer max_grad_norm= instead")
 
     def _check_group(self, group: Dict[str, Any]) -> None:
         """Validate this method's hyperparameters in one parameter group (subclasses override)."""
