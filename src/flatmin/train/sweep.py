@@ -79,7 +79,10 @@ class Plan:
 
 # ---------------------------------------------------------------------------------------------- storage
 def _quiet_optuna() -> Any:
-    import optuna
+    try:
+        import optuna
+    except ImportError:
+        raise ConfigError("flatmin sweep needs optuna, which is not installed: pip install 'flatmin[sweep]'") from None
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -89,6 +92,17 @@ def _quiet_optuna() -> Any:
 def storage_url(storage: Optional[str], out: Path) -> str:
     """``storage`` as given, or the default: an SQLite file in the sweep's folder."""
     return storage if storage else f"sqlite:///{(out / 'study.db').resolve()}"
+
+
+def with_driver(url: str) -> str:
+    """A PostgreSQL URL without a driver gets psycopg2 (the sweep extra's) where psycopg 3,
+    SQLAlchemy's default driver, is not installed."""
+    if url.startswith("postgresql://"):
+        import importlib.util
+
+        if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
+            return "postgresql+psycopg2://" + url[len("postgresql://"):]
+    return url
 
 
 def open_storage(url: str, heartbeat: int) -> Any:
@@ -105,13 +119,21 @@ def open_storage(url: str, heartbeat: int) -> Any:
     result: Dict[str, Any] = {}
 
     def connect_now() -> None:
-        try:
-            result["storage"] = optuna.storages.RDBStorage(
-                url, engine_kwargs={"connect_args": connect}, heartbeat_interval=heartbeat,
-                grace_period=2 * heartbeat,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
-        except Exception as err:  # the driver's errors differ by database; each is reported in one line
-            result["error"] = err
+        for attempt in range(5):
+            try:
+                result["storage"] = optuna.storages.RDBStorage(
+                    with_driver(url), engine_kwargs={"connect_args": connect}, heartbeat_interval=heartbeat,
+                    grace_period=2 * heartbeat,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                        max_retry=MAX_RETRY))
+                return
+            except Exception as err:  # the driver's errors differ by database; each is reported in one line
+                result["error"] = err
+                # Two workers making the tables of a new database at once: the later one finds them
+                # made by the other, and its next attempt opens them.
+                if "already exists" not in str(err):
+                    return
+                time.sleep(0.2 * (attempt + 1))
 
     # In a thread: a name lookup or a driver without a connect timeout cannot hang the sweep.
     thread = threading.Thread(target=connect_now, daemon=True)
@@ -119,8 +141,11 @@ def open_storage(url: str, heartbeat: int) -> Any:
     thread.join(STORAGE_TIMEOUT_S)
     if thread.is_alive():
         raise SweepError(f"storage {_safe(url)} did not answer within {STORAGE_TIMEOUT_S} s")
-    if "error" in result:
+    if "storage" not in result:
         err = result["error"]
+        if isinstance(err, ImportError):
+            raise SweepError(f"cannot open storage {_safe(url)}: its database driver is not installed "
+                             f"({err.__cause__ or err}); for PostgreSQL: pip install 'flatmin[sweep]'")
         first = (str(getattr(err, "orig", None) or err).strip().splitlines() or [type(err).__name__])[0]
         raise SweepError(f"cannot open storage {_safe(url)}: {first}")
     return result["storage"]
@@ -288,14 +313,19 @@ def _next(plan: Plan, study: Any) -> str:
     return "wait" if any(t.state == TrialState.RUNNING for t in trials) else "done"
 
 
-def work(plan: Plan, threads: int, messages: Any = None, worker: int = 0) -> None:
-    """One worker: take trials from the studies, method by method in turn, until none is left."""
+def work(plan: Plan, threads: int, messages: Any, worker: int = 0) -> None:
+    """One worker: take trials from the studies, method by method in turn, until none is left.
+    ``messages``: a queue (a worker process) or a callable (the sweep's own process), given
+    ``(kind, worker, text)`` for each finished trial, an error, and the end."""
     import torch
 
-    if messages is not None:
+    spawned = hasattr(messages, "put")
+    send = messages.put if spawned else messages
+    if spawned:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops its workers on Ctrl-C
-    _quiet_optuna()
+    optuna = _quiet_optuna()
     torch.set_num_threads(threads)
+    current: Dict[str, Any] = {}
     try:
         storage = open_storage(plan.storage, plan.heartbeat)
         studies = load_studies(plan, storage)
@@ -312,22 +342,32 @@ def work(plan: Plan, threads: int, messages: Any = None, worker: int = 0) -> Non
                     continue
                 ran = True
 
-                def finished(study: Any, frozen: Any, method: str = method) -> None:
-                    if not _is_surplus(frozen) and messages is not None:
-                        messages.put(("trial", worker, method, _trial_line(method, frozen)))
+                def objective(trial: Any, method: str = method) -> float:
+                    current["number"] = trial.number
+                    return run_trial(plan, method, trial, threads)
 
-                study.optimize(lambda t, m=method: run_trial(plan, m, t, threads), n_trials=1, catch=(Exception,),
-                               callbacks=[finished], gc_after_trial=False)
+                def finished(study: Any, frozen: Any, method: str = method) -> None:
+                    if not _is_surplus(frozen):
+                        send(("trial", worker, _trial_line(method, frozen)))
+
+                try:
+                    study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[finished],
+                                   gc_after_trial=False)
+                except KeyboardInterrupt:
+                    # Optuna failed the interrupted trial; enqueue it again, as for a stale one.
+                    frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == current.get("number"))
+                    if not _is_surplus(frozen):
+                        optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, frozen)
+                    raise
             if pending and not ran:
                 time.sleep(max(0.5, plan.heartbeat / 2))
-    except Exception as err:  # reported by the parent in one line
-        if messages is None:
+    except Exception as err:  # a worker process's error, reported by the sweep in one line
+        if not spawned:
             raise
-        messages.put(("error", worker, "", f"{type(err).__name__}: {err}".splitlines()[0]))
+        send(("error", worker, f"{type(err).__name__}: {err}".splitlines()[0]))
         raise SystemExit(1)
     finally:
-        if messages is not None:
-            messages.put(("done", worker, "", ""))
+        send(("done", worker, ""))
 
 
 def _trial_line(method: str, t: Any) -> str:
@@ -387,6 +427,9 @@ def make_plan(base: TrainConfig, methods: Sequence[str], space: Sequence[str], s
         own = {name: getattr(base, name) if name in METHOD_DEFAULTS[method] else None
                for name in ("sigma", "sigma_inc", "lam", "eta", "beta", "rho", "alpha", "neighbour", "divergence")}
         configs[method] = dataclasses.replace(base, method=method, **own).validate()
+    if base.data == "imagefolder":
+        raise ConfigError("data='imagefolder' cannot be swept: its val/ folder is the test split and no validation "
+                          "split is held out of its training set; a sweep never scores on the test set")
     if base.val_fraction <= 0:
         raise ConfigError(f"val_fraction={base.val_fraction!r} is not allowed in a sweep: every point is scored on "
                           "a validation split held out of the training set (give e.g. --val-fraction 0.2)")
@@ -420,57 +463,74 @@ def _probe(trainer: Any, cfg: TrainConfig) -> None:
 
 
 def sweep(plan: Plan, jobs: int = 1, log: Any = print, progress: bool = True) -> Dict[str, Any]:
-    """Run the sweep with ``jobs`` worker processes (each with its share of the cores) until every
-    trial of its plan is finished, by these workers or any other on the same storage; then write
-    the reports into ``plan.out``. Returns what ``sweep.json`` holds."""
+    """Run the sweep with ``jobs`` workers (this process and ``jobs - 1`` worker processes, each
+    with its share of the cores) until every trial of its plan is finished, by these workers or any
+    other on the same storage; then write the reports into ``plan.out``. Returns what
+    ``sweep.json`` holds."""
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ConfigError(f"jobs={jobs!r} is not allowed: it must be an integer >= 1")
+    import queue
+
+    import torch
     from tqdm import tqdm
 
     storage = open_storage(plan.storage, plan.heartbeat)
     prepare_study(plan, storage)
     studies = load_studies(plan, storage)
     total = _planned(plan, studies)
-    done = _finished(studies)
     threads = max(1, (os.cpu_count() or 1) // jobs)
     context = multiprocessing.get_context("spawn")
     messages = context.Queue()
-    workers = [context.Process(target=work, args=(plan, threads, messages, i), daemon=False) for i in range(jobs)]
-    bar = tqdm(total=total, initial=min(done, total), desc="trials", unit="trial", dynamic_ncols=True,
+    # Worker processes start first: their imports overlap this process's own trials.
+    helpers = [context.Process(target=work, args=(plan, threads, messages, i)) for i in range(1, jobs)]
+    bar = tqdm(total=total, initial=min(_finished(studies), total), desc="trials", unit="trial", dynamic_ncols=True,
                disable=not progress)
     errors: List[str] = []
-    try:
-        for w in workers:
-            w.start()
-        running = jobs
-        while running:
-            try:
-                kind, worker, _, text = messages.get(timeout=1.0)
-            except Exception:  # queue.Empty: look whether a worker died without a word
-                if all(not w.is_alive() for w in workers):
-                    break
-                continue
+    lock = threading.Lock()
+
+    def show(message: Tuple[str, int, str]) -> None:
+        kind, worker, text = message
+        with lock:
             if kind == "trial":
                 bar.n = min(_finished(studies), total)
                 bar.refresh()
                 bar.write(text) if progress else log(text)
             elif kind == "error":
                 errors.append(f"worker {worker}: {text}")
-            elif kind == "done":
-                running -= 1
-        for w in workers:
+
+    stop = threading.Event()
+
+    def monitor() -> None:
+        while not (stop.is_set() and messages.empty()):
+            try:
+                show(messages.get(timeout=0.2))
+            except queue.Empty:
+                continue
+
+    watcher = threading.Thread(target=monitor, daemon=True)
+    own_threads = torch.get_num_threads()
+    try:
+        for w in helpers:
+            w.start()
+        watcher.start()
+        work(plan, threads, show, worker=0)
+        for w in helpers:
             w.join()
     except KeyboardInterrupt:
-        # The running trials stop where they are: their heartbeat ends, and the next run of the
-        # same command retries them.
-        for w in workers:
+        # The helpers' running trials stop where they are: their heartbeat ends, and the next run of
+        # the same command retries them (this process's own trial is re-enqueued by work()).
+        for w in helpers:
             if w.is_alive():
                 w.kill()
-        for w in workers:
+        for w in helpers:
             w.join()
         raise
     finally:
+        stop.set()
+        if watcher.is_alive():
+            watcher.join()
         bar.close()
+        torch.set_num_threads(own_threads)
     if errors:
         raise SweepError("; ".join(errors))
     return write_reports(plan, studies)
