@@ -192,6 +192,7 @@ SWEEP_ONLY = [
     case("--storage", "postgresql://nobody@127.0.0.1:1/db", "cannot open storage postgresql://nobody@127.0.0.1:1/db"),
     *numeric("--jobs", "int", ["-1", "0"]),
     *numeric("--heartbeat", "int", ["-1", "0"]),
+    *numeric("--tie", "float", ["nan", "inf", "-0.1", "1"]),
     case("--val-fraction", "0", "val_fraction=0.0 is not allowed in a sweep"),
     case("--data", "imagefolder", "data='imagefolder' cannot be swept"),
 ]

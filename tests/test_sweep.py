@@ -24,14 +24,26 @@ optuna = pytest.importorskip("optuna", reason="flatmin sweep needs the sweep ext
 
 from flatmin.cli import main  # noqa: E402
 from flatmin.data.mnist1d import load_mnist1d  # noqa: E402
-from flatmin.train.sweep import with_driver  # noqa: E402
+from flatmin.train.sweep import choose, with_driver  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
 # The digits MLP, one epoch of 4 updates per seed, validation on 20 % of the training set.
 TINY = ["--data", "digits", "--model", "mlp", "--batch-size", "256", "--epochs", "1", "--progress", "none",
         "--methods", "rwp"]
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+def _pg_bin() -> Path:
+    """The folder of PostgreSQL's initdb and pg_ctl: Debian's newest, or the one on PATH."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+                   key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0)
+    if found:
+        return found[-1].parent
+    on_path = shutil.which("initdb")
+    return Path(on_path).parent if on_path else Path("/usr/lib/postgresql/15/bin")
+
+
+PG_BIN = _pg_bin()
 
 
 def read_trials(folder):
@@ -98,12 +110,39 @@ def test_random_and_tpe_draw_inside_the_range(tmp_path, sampler):
     assert len(rows) == 4 and {r["state"] for r in rows} == {"complete"}
     assert all(0.001 <= float(r["sigma"]) <= 0.1 and 0.02 <= float(r["lr"]) <= 0.1 for r in rows)
     assert len({r["sigma"] for r in rows}) == 4
+    assert (tmp_path / "importances.png").stat().st_size > 0  # two settings, four trials: fANOVA runs
     trials = study_trials(f"sqlite:///{tmp_path / 'study.db'}", f"{tmp_path.name}/rwp")
     dist = trials[0].distributions["sigma"]
     assert isinstance(dist, optuna.distributions.FloatDistribution) and dist.log
     # Run again: the study is complete, nothing is trained twice.
     assert main(["sweep", *argv]) == 0
     assert len(read_trials(tmp_path)) == 4
+
+
+def test_pruned_trials_are_recorded_as_pruned_and_never_chosen(tmp_path):
+    # Four good learning rates complete first (the pruner's start-up); the two tiny ones then sit far
+    # below their median validation accuracy after the second epoch.
+    argv = [*TINY, "--epochs", "4", "--space", "lr=0.1,0.2,0.05,0.15,0.00001,0.00002", "--seeds", "1", "--prune",
+            "--out", str(tmp_path)]
+    assert main(["sweep", *argv]) == 0
+    states = {float(r["lr"]): r["state"] for r in read_trials(tmp_path)}
+    assert states[0.00001] == states[0.00002] == "pruned"
+    assert [states[lr] for lr in (0.1, 0.2, 0.05, 0.15)] == ["complete"] * 4
+    assert yaml.safe_load((tmp_path / "rwp" / "best.yaml").read_text())["lr"] >= 0.05
+
+
+def test_the_rule_breaks_near_ties_toward_the_earliest_point():
+    def record(trial, acc, retry_of=None, state="complete"):
+        return {"method": "rwp", "trial": trial, "val_acc": acc, "retry_of": retry_of, "state": state}
+
+    records = [record(0, 0.950), record(1, 0.951), record(2, 0.990, state="pruned"), record(4, 0.9515, retry_of=3)]
+    assert choose(records, ["rwp"])["rwp"]["trial"] == 4  # the best mean; pruned trials are no candidates
+    assert choose(records, ["rwp"], tie=0.002)["rwp"]["trial"] == 0  # within 0.002 of it: the first point
+    assert choose(records, ["rwp"], tie=0.001)["rwp"]["trial"] == 1
+    # A retry ranks as the trial it repeats: trial 4 (retry of 3) comes after trial 1, before trial 5.
+    records = [record(4, 0.95, retry_of=3), record(5, 0.95), record(1, 0.94)]
+    assert choose(records, ["rwp"], tie=0.02)["rwp"]["trial"] == 1
+    assert choose([record(4, 0.95, retry_of=3), record(5, 0.95)], ["rwp"])["rwp"]["trial"] == 4
 
 
 def test_two_processes_on_the_default_storage_run_each_point_once(tmp_path):
@@ -226,7 +265,8 @@ def test_the_test_labels_never_enter_the_choice(tmp_path):
 def test_best_yaml_repeats_its_trial(grid_sweep, tmp_path, capsys):
     summary = json.loads((grid_sweep / "sweep.json").read_text())
     trial = summary["chosen"]["rwp"]["trial"]
-    expected = next(float(r["val_acc"]) for r in read_trials(grid_sweep) if int(r["trial"]) == trial and r["seed"] == "0")
+    expected = next(float(r["val_acc"]) for r in read_trials(grid_sweep)
+                    if int(r["trial"]) == trial and r["seed"] == "0")
     threads = torch.get_num_threads()
     try:
         assert main(["train", "--config", str(grid_sweep / "rwp" / "best.yaml"), "--progress", "none",

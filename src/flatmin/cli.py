@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: sqlite file study.db in --out)")
     sweep.add_argument("--jobs", type=int, default=1,
                        help="trials at once on this machine, in worker processes sharing the cores (default: 1)")
+    sweep.add_argument("--tie", type=float, default=0.0,
+                       help="validation accuracies within this of the best count as tied; the tie goes to the "
+                            "earliest trial, i.e. a grid's first point (default: 0)")
     sweep.add_argument("--heartbeat", type=int, default=10, metavar="S",
                        help="seconds between a running trial's heartbeats; a trial silent for twice as long "
                             "(its worker killed) is failed and retried (default: 10)")
@@ -279,14 +282,14 @@ def _compare(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     from .train.sweep import make_plan, sweep
 
-    extra = ("methods", "space", "sampler", "trials", "seeds", "prune", "study", "storage", "jobs", "heartbeat")
+    extra = ("methods", "space", "sampler", "trials", "seeds", "prune", "study", "storage", "jobs", "heartbeat", "tie")
     settings = {**SWEEP_DEFAULTS, **_settings(args, extra=extra)}
     settings.setdefault("out", f"runs/sweep-{settings['data']}")
     base = TrainConfig.from_dict(settings, where=getattr(args, "config", "flags"))
     base.check_types()
     plan = make_plan(base, [m.strip() for m in args.methods.split(",") if m.strip()], args.space or [],
                      sampler=args.sampler, trials=args.trials, seeds=args.seeds, prune=args.prune, study=args.study,
-                     storage=args.storage, heartbeat=args.heartbeat)
+                     storage=args.storage, heartbeat=args.heartbeat, tie=args.tie)
     try:
         summary = sweep(plan, jobs=args.jobs, progress=base.progress != "none")
     except KeyboardInterrupt:

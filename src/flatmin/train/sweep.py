@@ -40,8 +40,15 @@ SAMPLERS = ("grid", "random", "tpe")
 # Settings that say where and how a run executes, not what it computes: free to differ between
 # the machines (and reruns) of one study.
 RUNTIME_FIELDS = ("out", "progress", "threads", "device", "data_dir", "num_workers", "eval_batch_size", "log")
-RULE = ("the completed trial with the highest mean validation accuracy over its seeds; on a tie, the "
-        "earlier trial. Test accuracy is never looked at; pruned and failed trials are not candidates.")
+
+
+def rule(tie: float) -> str:
+    """The choice in words (``choose`` implements it)."""
+    ties = (f"trials within {tie:g} of the best mean count as tied, and the tie goes to the earliest of them "
+            "(a grid's first point: list values from the weakest perturbation up)" if tie > 0 else
+            "on an exact tie, the earlier trial")
+    return (f"the completed trial with the highest mean validation accuracy over its seeds; {ties}. Test accuracy "
+            "is never looked at; pruned and failed trials are not candidates.")
 STORAGE_TIMEOUT_S = 20  # a storage that does not answer by then is an error, never a hang
 MAX_RETRY = 3
 
@@ -69,11 +76,12 @@ class Plan:
     storage: str
     heartbeat: int
     out: str
+    tie: float = 0.0
 
     def spec(self) -> Dict[str, Any]:
         """What the study's trials mean: refused in one line when a rerun differs."""
         fixed = {k: v for k, v in self.base.to_dict().items() if k not in RUNTIME_FIELDS + ("method",)}
-        return {"methods": self.methods, "space": describe(self.spaces), "sampler": self.sampler,
+        return {"methods": self.methods, "space": describe(self.spaces), "sampler": self.sampler, "tie": self.tie,
                 "seeds": self.seeds, "settings": fixed}
 
 
@@ -220,7 +228,7 @@ def prepare_study(plan: Plan, storage: Any, wait_s: float = 60.0) -> bool:
 
 
 def _check_spec(name: str, saved: Dict[str, Any], spec: Dict[str, Any]) -> None:
-    for key in ("methods", "space", "sampler", "seeds"):
+    for key in ("methods", "space", "sampler", "seeds", "tie"):
         if saved.get(key) != spec[key]:
             raise SweepError(f"study {name!r} exists with another {key}: {_short(saved.get(key))} (this sweep: "
                              f"{_short(spec[key])}); use another --study, or the study's own settings")
@@ -274,6 +282,8 @@ def run_trial(plan: Plan, method: str, trial: Any, threads: int) -> float:
         def report(row: Dict[str, Any]) -> None:
             nonlocal step
             last.update(row)
+            if not plan.prune:  # a write to the storage per epoch only where a pruner reads it
+                return
             trial.report(row["val_acc"], step)
             step += 1
             if trial.should_prune():
@@ -393,7 +403,7 @@ def _fmt(value: Any) -> str:
 # ---------------------------------------------------------------------------------------------- sweep
 def make_plan(base: TrainConfig, methods: Sequence[str], space: Sequence[str], sampler: str = "grid",
               trials: Optional[int] = None, seeds: int = 2, prune: bool = False, study: Optional[str] = None,
-              storage: Optional[str] = None, heartbeat: int = 10) -> Plan:
+              storage: Optional[str] = None, heartbeat: int = 10, tie: float = 0.0) -> Plan:
     """Check every setting of a sweep before anything runs; a ``ConfigError`` naming the bad one."""
     from .loop import Trainer
 
@@ -402,6 +412,8 @@ def make_plan(base: TrainConfig, methods: Sequence[str], space: Sequence[str], s
     for name, value in (("seeds", seeds), ("heartbeat", heartbeat)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name}={value!r} is not allowed: it must be an integer >= 1")
+    if isinstance(tie, bool) or not isinstance(tie, (int, float)) or not 0 <= tie < 1:
+        raise ConfigError(f"tie={tie!r} is not allowed: it must be a number in [0, 1) (of validation accuracy)")
     if sampler == "grid" and trials is not None:
         raise ConfigError(f"trials={trials} is not allowed with the grid sampler: a grid runs each of its points "
                           "once (use --sampler random or tpe for a number of trials)")
@@ -450,7 +462,7 @@ def make_plan(base: TrainConfig, methods: Sequence[str], space: Sequence[str], s
     return Plan(base=base, methods=methods, spaces=spaces, sampler=sampler,
                 trials=0 if sampler == "grid" else trials, seeds=seeds, prune=prune,
                 study=study or out.resolve().name, storage=storage_url(storage, out), heartbeat=heartbeat,
-                out=str(out))
+                out=str(out), tie=float(tie))
 
 
 def _probe(trainer: Any, cfg: TrainConfig) -> None:
@@ -569,14 +581,17 @@ def trial_records(plan: Plan, studies: Dict[str, Any]) -> List[Dict[str, Any]]:
     return records
 
 
-def choose(records: List[Dict[str, Any]], methods: Sequence[str]) -> Dict[str, Dict[str, Any]]:
-    """Each method's chosen trial by ``RULE``: the highest mean validation accuracy, the earlier
-    trial on a tie. Only the validation score enters."""
+def choose(records: List[Dict[str, Any]], methods: Sequence[str], tie: float = 0.0) -> Dict[str, Dict[str, Any]]:
+    """Each method's chosen trial by ``rule(tie)``: among the completed trials whose mean validation
+    accuracy is within ``tie`` of the best, the earliest (a retry ranks as the trial it repeats).
+    Only the validation score enters."""
     chosen = {}
     for method in methods:
         done = [r for r in records if r["method"] == method and r["state"] == "complete"]
         if done:
-            chosen[method] = max(done, key=lambda r: (r["val_acc"], -r["trial"]))
+            top = max(r["val_acc"] for r in done)
+            order = (lambda r: (r["retry_of"] if r["retry_of"] is not None else r["trial"], r["trial"]))
+            chosen[method] = min((r for r in done if r["val_acc"] >= top - tie), key=order)
     return chosen
 
 
@@ -602,18 +617,18 @@ def write_reports(plan: Plan, studies: Dict[str, Any]) -> Dict[str, Any]:
 
     out = Path(plan.out)
     records = trial_records(plan, studies)
-    chosen = choose(records, plan.methods)
+    chosen = choose(records, plan.methods, plan.tie)
     write_csv(records, plan, out / "trials.csv")
     for method, record in chosen.items():
         folder = out / method
         folder.mkdir(parents=True, exist_ok=True)
         header = (f"# flatmin sweep {plan.study}: {method} trial {record['trial']}, mean validation accuracy "
-                  f"{record['val_acc']:.4f} over {record['seeds_done']} seeds (chosen by: {RULE})\n"
+                  f"{record['val_acc']:.4f} over {record['seeds_done']} seeds\n# chosen by: {rule(plan.tie)}\n"
                   f"# This is its seed-{plan.base.seed} run: flatmin train --config {folder / 'best.yaml'}\n")
         (folder / "best.yaml").write_text(header + yaml.safe_dump(best_config(plan, record), sort_keys=False))
     plots = sweep_plots.plot_all(records, plan, studies, out)
     summary = {"study": plan.study, "storage": _safe(plan.storage), "spec": plan.spec(),
-               "command": _command(), "rule": RULE,
+               "command": _command(), "rule": rule(plan.tie),
                "chosen": {m: {"trial": r["trial"], "params": r["params"], "val_acc": r["val_acc"],
                               "val_acc_ci95": r["val_acc_ci95"], "best_yaml": str(out / m / "best.yaml")}
                           for m, r in chosen.items()},
@@ -664,7 +679,7 @@ def markdown_report(plan: Plan, records: List[Dict[str, Any]], chosen: Dict[str,
              f"trials finished.", ""]
     if summary["command"]:
         lines += ["```", summary["command"], "```", ""]
-    lines += [f"Rule: {RULE}", "", "## Chosen", "", "| method | trial | point | val acc (mean ± 95 %) |",
+    lines += [f"Rule: {rule(plan.tie)}", "", "## Chosen", "", "| method | trial | point | val acc (mean ± 95 %) |",
               "|---|---|---|---|"]
     for method in plan.methods:
         r = chosen.get(method)
@@ -711,7 +726,8 @@ def tuned_hparams(folder: str, methods: Sequence[str], base: TrainConfig) -> Tup
     try:
         summary = json.loads(path.read_text())
     except OSError:
-        raise ConfigError(f"tuned={folder!r}: no sweep found (no {path}); give the --out folder of flatmin sweep") from None
+        raise ConfigError(f"tuned={folder!r}: no sweep found (no {path}); give the --out folder of flatmin "
+                          "sweep") from None
     except ValueError:
         raise ConfigError(f"tuned={folder!r}: {path} is damaged (not JSON)") from None
     if not isinstance(summary, dict) or "chosen" not in summary or "spec" not in summary:
