@@ -148,7 +148,7 @@ def test_the_rule_breaks_near_ties_toward_the_earliest_point():
 def test_two_processes_on_the_default_storage_run_each_point_once(tmp_path):
     values = [0.002, 0.005, 0.01, 0.02, 0.05, 0.1]
     argv = [*TINY, "--space", "sigma=" + ",".join(map(str, values)), "--seeds", "1", "--out", str(tmp_path)]
-    procs = [spawn(argv) for _ in range(2)]
+    procs = [spawn([*argv, "--jobs", str(jobs)]) for jobs in (1, 2)]  # three workers: one, and two
     for proc in procs:
         finish(proc)
     assert_each_point_once(study_trials(f"sqlite:///{tmp_path / 'study.db'}", f"{tmp_path.name}/rwp"), values)

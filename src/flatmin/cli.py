@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "split held out of the training set (never the test set). Writes trials.csv, sweep.md, "
                     "sweep.json, METHOD/best.yaml and plots into --out. The same command on several machines "
                     "with one --storage shares one study; run again, it continues. See docs/sweep.md.")
-    _add_config_flags(sweep, skip=("method", "stop_after"), defaults=SWEEP_DEFAULTS)
+    _add_config_flags(sweep, skip=("method", "stop_after"), defaults={**SWEEP_DEFAULTS, "out": "runs/sweep-DATA"})
     sweep.add_argument("--methods", default=TrainConfig.method,
                        help=f"comma-separated methods, one study each (default: {TrainConfig.method})")
     sweep.add_argument("--space", action="append", default=None, metavar="NAME=VALUES|YAML",
@@ -291,7 +291,10 @@ def _sweep(args: argparse.Namespace) -> int:
                      sampler=args.sampler, trials=args.trials, seeds=args.seeds, prune=args.prune, study=args.study,
                      storage=args.storage, heartbeat=args.heartbeat, tie=args.tie)
     try:
-        summary = sweep(plan, jobs=args.jobs, progress=base.progress != "none")
+        # As a run's progress: a bar on a terminal, else one line per finished trial; none: quiet.
+        bar = base.progress == "bar" or (base.progress == "auto" and sys.stderr.isatty())
+        summary = sweep(plan, jobs=args.jobs, progress=bar,
+                        log=(lambda text: None) if base.progress == "none" else lambda text: print(text, flush=True))
     except KeyboardInterrupt:
         print("flatmin: interrupted; finished trials are in the study, the running ones are retried when the same "
               "command runs again", file=sys.stderr)

@@ -225,7 +225,7 @@ def check_space(base: TrainConfig, spaces: Dict[str, List[Dimension]], grid: boo
             for value in (dim.values if not dim.is_range else (dim.low, dim.high)):
                 try:
                     dataclasses.replace(base, method=method, **{dim.name: value}).validate()
-                except ConfigError as err:
+                except ValueError as err:  # ConfigError, or the methods' own range check
                     raise ConfigError(f"--space {dim.text}: {err}") from None
 
 

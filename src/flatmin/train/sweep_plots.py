@@ -2,6 +2,7 @@
 trade-off, and Optuna's hyperparameter importances."""
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -68,19 +69,29 @@ def plot_sensitivity(records: List[Dict[str, Any]], plan: Any, path: Path) -> Op
     return save_figure(fig, path)
 
 
+# A final training loss above this (or not finite) is a run that diverged: off the trade-off's axis.
+DIVERGED_LOSS = 100.0
+
+
 def plot_tradeoff(records: List[Dict[str, Any]], plan: Any, path: Path) -> Optional[Path]:
     """Final training loss against the generalisation gap (train acc − test acc), one point per
-    completed trial (mean over seeds), coloured by σ, one marker per method."""
+    completed trial (mean over seeds), coloured by σ, one marker per method; trials that diverged
+    are counted in the title instead."""
     from matplotlib.colors import LogNorm, Normalize
+    from matplotlib.lines import Line2D
 
     points = []
+    diverged = 0
     for r in records:
         runs = _complete_runs(r)
         if r["state"] != "complete" or not runs:
             continue
+        loss = statistics.fmean(x["train_loss"] for x in runs)
+        if not math.isfinite(loss) or loss > DIVERGED_LOSS:
+            diverged += 1
+            continue
         sigma = runs[0].get("hparams", {}).get("sigma")
-        points.append((r["method"], statistics.fmean(x["train_loss"] for x in runs),
-                       100 * statistics.fmean(x["gap"] for x in runs), sigma))
+        points.append((r["method"], loss, 100 * statistics.fmean(x["gap"] for x in runs), sigma))
     if not points:
         return None
     sigmas = [p[3] for p in points if p[3] is not None]
@@ -91,6 +102,7 @@ def plot_tradeoff(records: List[Dict[str, Any]], plan: Any, path: Path) -> Optio
     fig = new_figure((6.4, 4.6))
     ax = fig.add_subplot()
     scatter = None
+    handles = []
     for i, method in enumerate(plan.methods):
         mine = [p for p in points if p[0] == method]
         if not mine:
@@ -100,19 +112,24 @@ def plot_tradeoff(records: List[Dict[str, Any]], plan: Any, path: Path) -> Optio
         if coloured:
             scatter = ax.scatter([p[1] for p in coloured], [p[2] for p in coloured], c=[p[3] for p in coloured],
                                  cmap="viridis", norm=norm, marker=MARKERS[i % len(MARKERS)], s=46,
-                                 edgecolors="black", linewidths=0.5, label=method)
+                                 edgecolors="black", linewidths=0.5)
         if plain:
             ax.scatter([p[1] for p in plain], [p[2] for p in plain], color="grey", marker=MARKERS[i % len(MARKERS)],
-                       s=46, edgecolors="black", linewidths=0.5, label=method if not coloured else None)
+                       s=46, edgecolors="black", linewidths=0.5)
+        handles.append(Line2D([], [], marker=MARKERS[i % len(MARKERS)], color="grey", markeredgecolor="black",
+                              linestyle="none", label=method))
     if scatter is not None:
         fig.colorbar(scatter, ax=ax, label="σ")
     ax.set_xlabel("final training loss")
     ax.set_ylabel("generalisation gap: train − test accuracy (pts)")
-    ax.set_title(f"Convergence against generalisation on {plan.base.data}/{plan.base.model}")
+    title = f"Convergence against generalisation on {plan.base.data}/{plan.base.model}"
+    if diverged:
+        title += f"\n({diverged} diverged trial{'s' if diverged > 1 else ''}, training loss > {DIVERGED_LOSS:g}, not shown)"
+    ax.set_title(title, fontsize=10)
     if all(p[1] > 0 for p in points) and max(p[1] for p in points) / min(p[1] for p in points) >= 20:
         ax.set_xscale("log")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(handles=handles, fontsize=8)
     return save_figure(fig, path)
 
 
