@@ -556,6 +556,8 @@ def sweep(plan: Plan, jobs: int = 1, log: Any = print, progress: bool = True) ->
     try:
         watcher.start()
         work(plan, threads, show, worker=0)
+        # Every trial is finished when work() returns: the reports need not wait for the helpers to exit.
+        summary = write_reports(plan, studies)
         for w in helpers:
             w.join()
     except KeyboardInterrupt:
@@ -575,7 +577,7 @@ def sweep(plan: Plan, jobs: int = 1, log: Any = print, progress: bool = True) ->
         torch.set_num_threads(own_threads)
     if errors:
         raise SweepError("; ".join(errors))
-    return write_reports(plan, studies)
+    return summary
 
 
 def _planned(plan: Plan, studies: Dict[str, Any]) -> int:
