@@ -1,5 +1,5 @@
-"""Every input a user can give the command line — every flag of ``flatmin train``, ``compare`` and
-``analyze``, YAML files, checkpoints, data folders, output folders — gets a one-line error that
+"""Every input a user can give the command line — every flag of ``flatmin train``, ``compare``,
+``sweep`` and ``analyze``, YAML files, checkpoints, data folders, output folders — gets a one-line error that
 names the bad value, exit status 2, no traceback, and leaves the results already on disk as they were.
 
 The flags are read from the argparse parser itself: a flag without a case below fails
@@ -155,6 +155,55 @@ COMPARE_ONLY = [
     case("--methods", "sgd,rwp,sgd", "--methods names 'sgd' twice"),
     *numeric("--seeds", "int", ["-1", "0"]),
     *numeric("--jobs", "int", ["-1", "0"]),
+    case("--tuned", "{missing}", "tuned='{missing}': no sweep found"),
+    case("--tuned", "{file}", "tuned='{file}': no sweep found"),
+]
+# Every sweep of the cases below searches momentum, so that a case of its own is the only thing wrong.
+SWEEP_ONLY = [
+    case("--methods", "", "--methods names no method"),
+    case("--methods", ",", "--methods names no method"),
+    case("--methods", "sgd,adam", "unknown method 'adam' in --methods"),
+    case("--methods", "sgd,rwp,sgd", "--methods names 'sgd' twice"),
+    case("--space", "sigma=0.01,0.02", "--sigma does not apply to method 'sam'", method="sam"),
+    case("--space", "sam.sigma=0.01", "--sigma does not apply to method 'sam'", "--methods", "rwp,sam"),
+    case("--space", "rwp.sigma=0.01", "method 'rwp' is not in --methods", method="sam"),
+    case("--space", "sigma=0.2:0.1:3", "the range is reversed", method="rwp"),
+    case("--space", "sigma=0.1:0.1:3", "the range is empty", method="rwp"),
+    case("--space", "lam=0.5:1.5:3", "lam=1.5 is not allowed", method="m-rwp"),
+    case("--space", "beta=0.5:1:3", "beta=1.0 is not allowed", method="arwp"),
+    case("--space", "sigma=0:0.1:log:3", "a log range must lie above 0", method="rwp"),
+    case("--space", "sigma=0.01:0.1", "a grid needs the number of points", method="rwp"),
+    case("--space", "sigma=0.01:0.1:cubic", "unknown range option 'cubic'", method="rwp"),
+    case("--space", "sigma=0.01:0.1:1", "at least 2 grid points", method="rwp"),
+    case("--space", "sigma=", "the list of values is empty", method="rwp"),
+    case("--space", "sigma=0.1,x", "'x' is not a number", method="rwp"),
+    case("--space", "sigma=0.1,0.1", "a value is listed twice", method="rwp"),
+    case("--space", "sigma=nan,0.1", "sigma=nan is not allowed", method="rwp"),
+    case("--space", "batch_size=16.5,32", "batch_size takes whole numbers", method="rwp"),
+    case("--space", "batch_size=0,32", "batch_size=0 is not allowed", method="rwp"),
+    case("--space", "base=lbfgs", "unknown base 'lbfgs'", method="rwp"),
+    case("--space", "neighbour=gaussian", "unknown neighbour 'gaussian'", method="nrs"),
+    case("--space", "seed=1,2", "'seed' cannot be swept (the seeds are --seed and --seeds)"),
+    case("--space", "learning_rate=0.1", "'learning_rate' cannot be swept"),
+    case("--space", "adam.lr=0.1", "unknown method 'adam'"),
+    case("--space", "momentum=0.5", "momentum of sgd is given twice"),
+    case("--space", "sigma", "is neither NAME=VALUES"),
+    case("--space", "{missing}.yaml", "cannot read config file {missing}.yaml"),
+    case("--space", "{yaml_list}", "must hold a mapping of settings, not list"),
+    case("--sampler", "cmaes", "unknown sampler 'cmaes'"),
+    case("--trials", "5", "trials=5 is not allowed with the grid sampler"),
+    *numeric("--trials", "int", ["-1", "0"], extra=("--sampler", "random")),
+    *numeric("--seeds", "int", ["-1", "0"]),
+    case("--prune", "yes", "argument --prune/--no-prune: ignored explicit argument 'yes'", joined=True),
+    case("--study", "a/b", "study='a/b' is not allowed"),
+    case("--study", "", "study='' is not allowed"),
+    case("--storage", "redis://localhost", "storage='redis://localhost' is not a database URL"),
+    case("--storage", "postgresql://nobody@127.0.0.1:1/db", "cannot open storage postgresql://nobody@127.0.0.1:1/db"),
+    *numeric("--jobs", "int", ["-1", "0"]),
+    *numeric("--heartbeat", "int", ["-1", "0"]),
+    *numeric("--tie", "float", ["nan", "inf", "-0.1", "1"]),
+    case("--val-fraction", "0", "val_fraction=0.0 is not allowed in a sweep"),
+    case("--data", "imagefolder", "data='imagefolder' cannot be swept"),
 ]
 ANALYZE = [
     case("checkpoints", "{missing}.pt", "no checkpoint at {missing}.pt"),
@@ -181,7 +230,15 @@ ANALYZE = [
     case("--out", "{file}", "--out='{file}' is not a folder flatmin can write to"),
     case("--out", "{file}/analysis", "--out='{file}/analysis' is not a folder flatmin can write to"),
 ]
-# compare takes every setting of a run but the method (it has --methods) and --stop-after (it has no --resume).
+
+
+def in_imagefolder(c):
+    """A case on an image folder, which a sweep refuses as a whole (it has no validation split)."""
+    return "imagefolder" in c.values[1]
+
+
+# compare and sweep take every setting of a run but the method (they have --methods) and --stop-after
+# (they have no --resume).
 NOT_IN_COMPARE = ("--method", "--stop-after", "--resume")
 
 
@@ -260,6 +317,19 @@ def test_compare_refuses_bad_values_in_one_line_before_any_run(paths, capsys, fl
     assert snapshot(paths["run"]) == before  # no run started, nothing written
 
 
+@pytest.mark.parametrize("flag, args, needle, method",
+                         [c for c in CONFIG_CASES if c.values[0] not in NOT_IN_COMPARE and not in_imagefolder(c)]
+                         + SWEEP_ONLY)
+def test_sweep_refuses_bad_values_in_one_line_before_any_trial(paths, capsys, flag, args, needle, method):
+    pytest.importorskip("optuna", reason="flatmin sweep needs the sweep extra")
+    before = snapshot(paths["run"])
+    argv = ["sweep", *QUICK, "--epochs", "2", "--seeds", "1", "--out", str(paths["run"]), "--space", "momentum=0.8,0.9",
+            *(["--methods", method] if method else ["--methods", "sgd"]), *fill(args, paths)]
+    code, _, err = run_cli(argv, capsys)
+    assert_one_line_error(code, err, "sweep", fill([needle], paths)[0])
+    assert snapshot(paths["run"]) == before  # no study made, no trial run, nothing written
+
+
 @pytest.mark.parametrize("flag, args, needle, method", ANALYZE)
 def test_analyze_refuses_bad_values_in_one_line(paths, capsys, flag, args, needle, method):
     before = snapshot(paths["run"])
@@ -282,6 +352,7 @@ def test_every_flag_has_bad_values():
     covered = {
         "train": {c.values[0] for c in CONFIG_CASES + TRAIN_ONLY},
         "compare": {c.values[0] for c in CONFIG_CASES + COMPARE_ONLY if c.values[0] not in NOT_IN_COMPARE},
+        "sweep": {c.values[0] for c in CONFIG_CASES + SWEEP_ONLY if c.values[0] not in NOT_IN_COMPARE},
         "analyze": {c.values[0] for c in ANALYZE},
     }
     for command, flags in covered.items():

@@ -38,3 +38,24 @@ def test_flatmin_imports_without_extras_and_names_what_to_install(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("flatmin train: error: --log tensorboard needs TensorBoard, which is not "
                                    "installed: pip install 'flatmin[tensorboard]'")
+
+
+def test_sweep_without_optuna_names_the_extra(tmp_path):
+    script = textwrap.dedent('''
+        import importlib.abc, sys
+
+        class Missing(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "optuna":
+                    raise ImportError(f"No module named {name!r}")
+                return None
+
+        sys.meta_path.insert(0, Missing())
+        import flatmin.cli
+        sys.exit(flatmin.cli.main(["sweep", "--space", "sigma=0.01,0.02", "--methods", "rwp", "--out", sys.argv[1]]))
+    ''')
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "sweep")], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and not (tmp_path / "sweep").exists()
+    assert proc.stderr.strip() == ("flatmin sweep: error: flatmin sweep needs optuna, which is not installed: "
+                                   "pip install 'flatmin[sweep]'")

@@ -1,4 +1,4 @@
-"""The command line: ``flatmin train``, ``flatmin compare``, ``flatmin analyze`` (and ``python -m flatmin ...``).
+"""The command line: ``flatmin train``, ``compare``, ``sweep``, ``analyze`` (and ``python -m flatmin ...``).
 
 Every setting of a run is a flag named after its ``TrainConfig`` field; ``--config run.yaml``
 reads the same names from a file and flags given on the command line override it. Errors in what
@@ -25,6 +25,9 @@ DEFAULT_METHODS = "sgd,sam,rwp,arwp,m-rwp,m-arwp,nrs"
 # papers' protocol (equal updates), and one CPU thread per run, so that its numbers do not depend on
 # --jobs or on the machine's core count.
 COMPARE_DEFAULTS = {"data": "mnist1d", "budget": "updates", "threads": 1}
+# A sweep scores every point on a validation split of the training set, under compare's protocol,
+# so that its chosen points carry over to ``flatmin compare --tuned``.
+SWEEP_DEFAULTS = {**COMPARE_DEFAULTS, "val_fraction": 0.2}
 
 
 class Parser(argparse.ArgumentParser):
@@ -86,6 +89,42 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--jobs", type=int, default=1,
                          help="runs at once, in separate processes sharing the cores; each run uses --threads "
                               "CPU threads whatever --jobs is, so the results do not depend on it (default: 1)")
+    compare.add_argument("--tuned", default=None, metavar="SWEEP_DIR",
+                         help="take each method's chosen point from a finished 'flatmin sweep' in this folder "
+                              "(methods it did not tune keep their defaults)")
+
+    sweep = commands.add_parser(
+        "sweep", help="search hyperparameters on a validation split (Optuna), on one machine or many",
+        description="Search each method's hyperparameters, scored by the mean validation accuracy over seeds on a "
+                    "split held out of the training set (never the test set). Writes trials.csv, sweep.md, "
+                    "sweep.json, METHOD/best.yaml and plots into --out. The same command on several machines "
+                    "with one --storage shares one study; run again, it continues. See docs/sweep.md.")
+    _add_config_flags(sweep, skip=("method", "stop_after"), defaults={**SWEEP_DEFAULTS, "out": "runs/sweep-DATA"})
+    sweep.add_argument("--methods", default=TrainConfig.method,
+                       help=f"comma-separated methods, one study each (default: {TrainConfig.method})")
+    sweep.add_argument("--space", action="append", default=None, metavar="NAME=VALUES|YAML",
+                       help="a dimension: NAME=V1,V2,... (a list), NAME=LOW:HIGH[:log][:int][:POINTS] (a range; "
+                            "POINTS values on a grid), METHOD.NAME=... for one method only; or a YAML file of "
+                            "such entries. Repeat for several")
+    sweep.add_argument("--sampler", default="grid", help="grid, random or tpe (default: grid)")
+    sweep.add_argument("--trials", type=int, default=None,
+                       help="trials per method for random and tpe, over all workers (default: 20)")
+    sweep.add_argument("--seeds", type=int, default=2, help="seeds per point, from --seed on (default: 2)")
+    sweep.add_argument("--prune", action=argparse.BooleanOptionalAction, default=False,
+                       help="stop trials whose per-epoch validation accuracy falls below the median of earlier "
+                            "trials (Optuna's MedianPruner; default: off)")
+    sweep.add_argument("--study", default=None, help="study name (default: the name of the --out folder)")
+    sweep.add_argument("--storage", default=None, metavar="URL",
+                       help="an Optuna database URL shared by every worker, e.g. postgresql://USER@HOST/DB "
+                            "(default: sqlite file study.db in --out)")
+    sweep.add_argument("--jobs", type=int, default=1,
+                       help="trials at once on this machine, in worker processes sharing the cores (default: 1)")
+    sweep.add_argument("--tie", type=float, default=0.0,
+                       help="validation accuracies within this of the best count as tied; the tie goes to the "
+                            "earliest trial, i.e. a grid's first point (default: 0)")
+    sweep.add_argument("--heartbeat", type=int, default=10, metavar="S",
+                       help="seconds between a running trial's heartbeats; a trial silent for twice as long "
+                            "(its worker killed) is failed and retried (default: 10)")
     analyze = commands.add_parser(
         "analyze", help="flatness of a trained model: Hessian spectrum, loss landscapes, loss under perturbation",
         description="Analyse a checkpoint written by 'flatmin train'; writes analysis.json and PNG plots.")
@@ -243,12 +282,19 @@ def _unfinished(cfg: TrainConfig, summary: Dict[str, Any]) -> Optional[str]:
 def _compare(args: argparse.Namespace) -> int:
     from .train.compare import compare, markdown_report
 
-    settings = {**COMPARE_DEFAULTS, **_settings(args, extra=("methods", "seeds", "jobs"))}
+    settings = {**COMPARE_DEFAULTS, **_settings(args, extra=("methods", "seeds", "jobs", "tuned"))}
     settings.setdefault("out", f"runs/compare-{settings['data']}")
     base = TrainConfig.from_dict(settings, where=getattr(args, "config", "flags"))
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    tuned = None
+    if args.tuned is not None:
+        from .train.sweep import tuned_hparams
+
+        base.check_types()
+        tuned, text = tuned_hparams(args.tuned, methods, base)
+        print(text)
     try:
-        rows = compare(base, methods, seeds=args.seeds, jobs=args.jobs)
+        rows = compare(base, methods, seeds=args.seeds, jobs=args.jobs, tuned=tuned)
     except KeyboardInterrupt:
         print("flatmin: interrupted; finished runs keep their summary.json and checkpoints", file=sys.stderr)
         return 130
@@ -256,6 +302,37 @@ def _compare(args: argparse.Namespace) -> int:
     print(markdown_report(rows, base))
     written = sorted(p.name for p in Path(base.out).iterdir() if p.is_file())
     print(f"\nwritten in {base.out}: " + ", ".join(written))
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from .train.sweep import make_plan, sweep
+
+    extra = ("methods", "space", "sampler", "trials", "seeds", "prune", "study", "storage", "jobs", "heartbeat", "tie")
+    settings = {**SWEEP_DEFAULTS, **_settings(args, extra=extra)}
+    settings.setdefault("out", f"runs/sweep-{settings['data']}")
+    base = TrainConfig.from_dict(settings, where=getattr(args, "config", "flags"))
+    base.check_types()
+    plan = make_plan(base, [m.strip() for m in args.methods.split(",") if m.strip()], args.space or [],
+                     sampler=args.sampler, trials=args.trials, seeds=args.seeds, prune=args.prune, study=args.study,
+                     storage=args.storage, heartbeat=args.heartbeat, tie=args.tie)
+    try:
+        # As a run's progress: a bar on a terminal, else one line per finished trial; none: quiet.
+        bar = base.progress == "bar" or (base.progress == "auto" and sys.stderr.isatty())
+        summary = sweep(plan, jobs=args.jobs, progress=bar,
+                        log=(lambda text: None) if base.progress == "none" else lambda text: print(text, flush=True))
+    except KeyboardInterrupt:
+        print("flatmin: interrupted; finished trials are in the study, the running ones are retried when the same "
+              "command runs again", file=sys.stderr)
+        return 130
+    print()
+    for method, chosen in summary["chosen"].items():
+        point = ", ".join(f"{k}={v}" for k, v in chosen["params"].items()) or "defaults"
+        half = chosen["val_acc_ci95"]
+        print(f"{method}: trial {chosen['trial']}, {point}: val acc {chosen['val_acc']:.4f}"
+              + (f" ± {half:.4f}" if half is not None else "") + f" -> {chosen['best_yaml']}")
+    print(f"{summary['finished']} of {summary['planned']} trials finished; written in {plan.out}: trials.csv, "
+          "sweep.md, sweep.json" + "".join(f", {Path(p).name}" for p in summary["plots"].values()))
     return 0
 
 
@@ -268,7 +345,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    handlers = {"train": _train, "compare": _compare, "analyze": _analyze}
+    handlers = {"train": _train, "compare": _compare, "sweep": _sweep, "analyze": _analyze}
     try:
         code = handlers[args.command](args)
     except (ConfigError, CheckpointError, ValueError, TypeError, OSError) as err:

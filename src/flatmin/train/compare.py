@@ -37,13 +37,15 @@ BUDGET_TEXT = {
 }
 
 
-def run_configs(base: TrainConfig, methods: Sequence[str], seeds: int) -> List[TrainConfig]:
+def run_configs(base: TrainConfig, methods: Sequence[str], seeds: int,
+                tuned: Optional[Dict[str, Dict[str, Any]]] = None) -> List[TrainConfig]:
     """One config per (method, seed): ``base`` with the method, the seed and its own output folder,
     and ``threads`` fixed (``base.threads``, 1 when unset): a run's numbers depend on its CPU thread
     count, so fixing it makes them independent of ``jobs`` and of the machine's core count.
 
     Hyperparameters set in ``base`` apply to the methods that have them (``sigma`` to the RWP
-    family, ``rho`` to SAM/ASAM) and are left out for the others.
+    family, ``rho`` to SAM/ASAM) and are left out for the others. ``tuned`` holds a method's
+    chosen point from a sweep (``flatmin compare --tuned``); it overrides ``base`` for that method.
     """
     if not methods:
         raise ConfigError(f"--methods names no method: choose from {', '.join(METHOD_DEFAULTS)}")
@@ -60,6 +62,7 @@ def run_configs(base: TrainConfig, methods: Sequence[str], seeds: int) -> List[T
     configs = []
     for method in methods:
         own = {name: getattr(base, name) if name in METHOD_DEFAULTS[method] else None for name in METHOD_HPARAMS}
+        own.update((tuned or {}).get(method, {}))
         for seed in range(base.seed, base.seed + seeds):
             out = str(Path(base.out) / method / f"seed{seed}")
             configs.append(dataclasses.replace(base, method=method, seed=seed, out=out, progress="none",
@@ -80,15 +83,16 @@ def _run(cfg: TrainConfig) -> Tuple[Dict[str, Any], Optional[Dict[str, Any]]]:
 
 
 def compare(base: TrainConfig, methods: Sequence[str], seeds: int = 3, jobs: int = 1,
-            log: Any = print) -> List[Dict[str, Any]]:
+            log: Any = print, tuned: Optional[Dict[str, Dict[str, Any]]] = None) -> List[Dict[str, Any]]:
     """Train every (method, seed) under ``base.budget``; write ``results.csv``, ``results.md``,
     ``runs.json`` and the plots into ``base.out`` (with ``base.flatness``, also the flatness bars,
-    the overlays and ``analysis.json``); return the table rows."""
+    the overlays and ``analysis.json``); return the table rows. ``tuned``: each method's chosen
+    point of a sweep (see ``run_configs``)."""
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ConfigError(f"seeds={seeds!r} is not allowed: it must be an integer >= 1")
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ConfigError(f"jobs={jobs!r} is not allowed: it must be an integer >= 1")
-    configs = run_configs(base, methods, seeds)
+    configs = run_configs(base, methods, seeds, tuned)
     if not base.overwrite:  # refused before any run, not after the first ones are done
         taken = [cfg.out for cfg in configs if any((Path(cfg.out) / name).exists() for name in RUN_FILES)]
         if taken:

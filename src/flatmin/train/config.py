@@ -33,9 +33,13 @@ METHOD_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "m-arwp": {"sigma": 0.015, "sigma_inc": 0.0, "lam": 0.5, "eta": 0.1, "beta": 0.99},
     "nrs": {"alpha": 1.0, "sigma": 0.01, "neighbour": "random", "divergence": "kl"},
 }
-# Per data set, the values chosen on a validation split of its training set (never the test set)
-# by benchmarks/tune_defaults.py; they replace METHOD_DEFAULTS for that data set. The numbers are in
-# docs/results.md. CIFAR and ImageNet use the papers' values above.
+# Per data set, the values chosen on a validation split of its training set (never the test set);
+# they replace METHOD_DEFAULTS for that data set. Each data set's values come from the sweep
+# (docs/sweep.md, "The grid behind the recipes"):
+#   flatmin sweep --data DATA --budget epochs --epochs 60 --seeds S --methods sgd,sam,rwp,arwp,m-rwp,m-arwp,nrs
+#                 --space benchmarks/tune-space.yaml --tie 0.002 --jobs 2
+# with S = 4 for digits and 2 for mnist1d (run then as benchmarks/tune_defaults.py, the same grid and
+# rule). The numbers are in docs/results.md. CIFAR and ImageNet use the papers' values above.
 DATA_RECIPES: Dict[str, Dict[str, Dict[str, Any]]] = {
     "digits": {
         "sam": {"rho": 0.01},

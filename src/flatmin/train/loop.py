@@ -394,7 +394,10 @@ class Trainer:
         return {"step_loss": float(loss_sum) / max(updates, 1), "updates": updates, "samples": samples,
                 "epoch_time_s": elapsed, "samples_per_s": samples / elapsed if elapsed > 0 else None}
 
-    def run(self) -> Dict[str, Any]:
+    def run(self, on_epoch: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+        """Train to the end of the schedule; ``on_epoch`` sees each epoch's row of ``metrics.jsonl``
+        once it is checkpointed (a sweep reports validation accuracy from it, and may stop the run
+        by raising)."""
         cfg = self.cfg
         progress = Progress(cfg.progress if self.env.is_main else "none")
         wall_start = time.perf_counter()
@@ -424,6 +427,8 @@ class Trainer:
                                            skipped_steps=getattr(self.optimizer, "skipped_steps", 0))
                 self._checkpoint()
                 progress.end_epoch(row)
+                if on_epoch is not None:
+                    on_epoch(row)
         finally:
             if metrics is not None:
                 metrics.close()
@@ -519,11 +524,13 @@ def load_trained(checkpoint: str, device: str = "cpu") -> Tuple[TrainConfig, nn.
     return cfg, model.to(_resolve_device(device)).eval(), dataset
 
 
-def train(cfg: TrainConfig, resume: Optional[str] = None) -> Dict[str, Any]:
+def train(cfg: TrainConfig, resume: Optional[str] = None,
+          on_epoch: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
     """Train one run described by ``cfg`` (optionally resumed from a checkpoint); returns the summary.
-    Under torchrun every worker calls this; it leaves the process group at the end."""
+    ``on_epoch`` is called with each epoch's metrics row. Under torchrun every worker calls this; it
+    leaves the process group at the end."""
     try:
-        summary = Trainer(cfg, resume=resume).run()
+        summary = Trainer(cfg, resume=resume).run(on_epoch)
         if torch.distributed.is_initialized():
             # Every rank done before any tears the group down: a rank leaving early can abort a
             # peer that is still closing its gloo connections.
