@@ -12,12 +12,12 @@ from pathlib import Path
 from mkdocs.structure.files import File, Files, InclusionLevel
 
 ROOT = Path(__file__).resolve().parents[2]
-FOLDERS = ["benchmarks/results"]
+FOLDERS = ["benchmarks/results"]  # with their subfolders (a sweep's plots)
 
 
 def on_files(files: Files, config) -> Files:
     for folder in FOLDERS:
-        for path in sorted((ROOT / folder).iterdir()):
+        for path in sorted((ROOT / folder).rglob("*")):
             if path.is_file() and path.suffix != ".md":
                 relative = path.relative_to(ROOT).as_posix()
                 file = File.generated(config, "../" + relative, abs_src_path=str(path),
