@@ -95,7 +95,9 @@ def measure(name: str, out: Path, args: argparse.Namespace, storage: Optional[st
     load = os.getloadavg()
     began = time.time()
     start = time.perf_counter()
-    subprocess.run(command, check=True, capture_output=True, env=env)
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise SystemExit(f"{name}: the sweep failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
     wall = time.perf_counter() - start
     ended = began + wall
     with open(out / "trials.csv") as handle:

@@ -97,6 +97,11 @@ def _quiet_optuna() -> Any:
     return optuna
 
 
+# What a database says to the later of two processes making a new storage's tables at once (SQLite,
+# PostgreSQL): a table that already exists, or the schema version row already written.
+CREATION_RACES = ("already exists", "UNIQUE constraint failed", "duplicate key value")
+
+
 def storage_url(storage: Optional[str], out: Path) -> str:
     """``storage`` as given, or the default: an SQLite file in the sweep's folder."""
     return storage if storage else f"sqlite:///{(out / 'study.db').resolve()}"
@@ -138,8 +143,8 @@ def open_storage(url: str, heartbeat: int) -> Any:
             except Exception as err:  # the driver's errors differ by database; each is reported in one line
                 result["error"] = err
                 # Two workers making the tables of a new database at once: the later one finds them
-                # made by the other, and its next attempt opens them.
-                if "already exists" not in str(err):
+                # made (or their version row written) by the other, and its next attempt opens them.
+                if not any(race in str(err) for race in CREATION_RACES):
                     return
                 time.sleep(0.2 * (attempt + 1))
 
@@ -510,7 +515,9 @@ def sweep(plan: Plan, jobs: int = 1, log: Any = print, progress: bool = True) ->
     from tqdm import tqdm
 
     storage = open_storage(plan.storage, plan.heartbeat)
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    # Every trial on --threads CPU threads (1 unless given), as compare runs: a run's numbers depend on
+    # its thread count, so fixing it makes a point's score independent of --jobs and of the machine.
+    threads = plan.base.threads or 1
     context = multiprocessing.get_context("spawn")
     messages = context.Queue()
     # The worker processes start first: their imports overlap this process's making of the study
