@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   description="Train every method over several seeds under one budget and print a "
                                               "comparison table with each method's difference from SGD; writes "
                                               "results.csv, results.md, runs.json and PNG plots into --out.")
-    _add_config_flags(compare, skip=("method", "stop_after"), defaults=COMPARE_DEFAULTS)
+    _add_config_flags(compare, skip=("method", "stop_after"), defaults={**COMPARE_DEFAULTS, "out": "runs/compare-DATA"})
     compare.add_argument("--methods", default=DEFAULT_METHODS,
                          help=f"comma-separated methods (default: {DEFAULT_METHODS})")
     compare.add_argument("--seeds", type=int, default=3, help="seeds per method, from --seed on (default: 3)")
