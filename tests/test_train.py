@@ -8,7 +8,7 @@ import torch
 
 from flatmin.analysis import hessian_eigenvalues
 from flatmin.cli import main
-from flatmin.data import load_dataset, split_loader
+from flatmin.data import split_loader
 from flatmin.train import TrainConfig, Trainer, compare, train
 from flatmin.train.checkpoint import load_checkpoint, save_checkpoint
 from flatmin.train.config import ConfigError

@@ -19,7 +19,7 @@ import torch
 
 from ..analysis.plots import overlay
 from . import compare_plots
-from .config import METHOD_DEFAULTS, METHOD_HPARAMS, PROGRESS_MODES, ConfigError, TrainConfig, choice, output_folder
+from .config import METHOD_DEFAULTS, PROGRESS_MODES, ConfigError, TrainConfig, choice, output_folder, own_hparams
 from .flatness import OVERLAY_PARTS, analyze_checkpoint, write_json
 from .loop import RUN_FILES, train
 from .stats import paired_t_interval
@@ -61,7 +61,7 @@ def run_configs(base: TrainConfig, methods: Sequence[str], seeds: int,
                           "end of its schedule")
     configs = []
     for method in methods:
-        own = {name: getattr(base, name) if name in METHOD_DEFAULTS[method] else None for name in METHOD_HPARAMS}
+        own = own_hparams(base, method)
         own.update((tuned or {}).get(method, {}))
         for seed in range(base.seed, base.seed + seeds):
             out = str(Path(base.out) / method / f"seed{seed}")

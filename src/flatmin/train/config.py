@@ -80,6 +80,12 @@ NOT_INHERITED = ("stop_after", "overwrite")
 LEGACY_DEFAULTS = {"imagefolder": {"image_size": 224, "normalize": "imagenet"}}
 
 
+def own_hparams(cfg: "TrainConfig", method: str) -> Dict[str, Any]:
+    """The method hyperparameters of ``cfg`` that ``method`` has; the others ``None``. A setting
+    shared by several methods (``--sigma`` in a comparison) applies to the methods that have it."""
+    return {name: getattr(cfg, name) if name in METHOD_DEFAULTS[method] else None for name in METHOD_HPARAMS}
+
+
 class ConfigError(ValueError):
     """A bad configuration value; its message names the value and what is allowed."""
 

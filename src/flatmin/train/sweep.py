@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import multiprocessing
-import os
 import shlex
 import signal
 import statistics
@@ -32,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .config import METHOD_DEFAULTS, ConfigError, TrainConfig, output_folder
+from .config import METHOD_DEFAULTS, METHOD_HPARAMS, ConfigError, TrainConfig, output_folder, own_hparams
 from .space import Dimension, check_space, describe, grid_points, method_space, parse_space
 from .stats import paired_t_interval
 
@@ -464,9 +463,7 @@ def make_plan(base: TrainConfig, methods: Sequence[str], space: Sequence[str], s
     configs = {}
     for method in methods:
         # The fixed settings, as compare applies them: a method hyperparameter to the methods having it.
-        own = {name: getattr(base, name) if name in METHOD_DEFAULTS[method] else None
-               for name in ("sigma", "sigma_inc", "lam", "eta", "beta", "rho", "alpha", "neighbour", "divergence")}
-        configs[method] = dataclasses.replace(base, method=method, **own).validate()
+        configs[method] = dataclasses.replace(base, method=method, **own_hparams(base, method)).validate()
     if base.data == "imagefolder":
         raise ConfigError("data='imagefolder' cannot be swept: its val/ folder is the test split and no validation "
                           "split is held out of its training set; a sweep never scores on the test set")
@@ -643,7 +640,7 @@ def best_config(plan: Plan, record: Dict[str, Any]) -> Dict[str, Any]:
     own = set(METHOD_DEFAULTS[record["method"]])
     values = cfg.to_dict()
     # The method's hyperparameters as the trial ran them (recipe defaults included); others dropped.
-    for name in ("sigma", "sigma_inc", "lam", "eta", "beta", "rho", "alpha", "neighbour", "divergence"):
+    for name in METHOD_HPARAMS:
         values[name] = first["hparams"].get(name) if name in own else None
     return {k: v for k, v in values.items() if v is not None}
 
@@ -690,8 +687,7 @@ def write_csv(records: List[Dict[str, Any]], plan: Plan, path: Path) -> None:
     """One row per trial and seed (a failed trial with no finished seed: one row without numbers)."""
     import csv
 
-    params = list(dict.fromkeys(["sigma", "sigma_inc", "lam", "eta", "beta", "rho", "alpha", "neighbour",
-                                 "divergence"] + [d.name for dims in plan.spaces.values() for d in dims]))
+    params = list(dict.fromkeys([*METHOD_HPARAMS, *(d.name for dims in plan.spaces.values() for d in dims)]))
     fields = ["method", "trial", "state", "retry_of", "seed", *params, *RUN_COLUMNS]
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
