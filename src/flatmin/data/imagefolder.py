@@ -20,7 +20,7 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -62,15 +62,21 @@ def find_images(root: Path, allow_empty: bool = False) -> Tuple[List[Tuple[Path,
     return samples, classes
 
 
-def open_rgb(path: Path) -> "Image":
-    """The image at ``path`` as RGB; a one-line ``ValueError`` naming the file if it is not one."""
+def read_image(path: Path, read: Callable[["Image"], Any]) -> Any:
+    """``read(image)`` of the image file at ``path`` (opened lazily: a header read costs no decode); a
+    one-line ``ValueError`` naming the file if it is not an image."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as file:
-            return file.convert("RGB")
+            return read(file)
     except (UnidentifiedImageError, OSError) as err:
         raise ValueError(f"{path} is not a readable image ({err})") from None
+
+
+def open_rgb(path: Path) -> "Image":
+    """The image at ``path`` as RGB; a one-line ``ValueError`` naming the file if it is not one."""
+    return read_image(path, lambda file: file.convert("RGB"))
 
 
 def evenly_spaced(samples: List[Tuple[Path, int]], count: int = SAMPLE) -> List[Path]:
@@ -82,15 +88,7 @@ def evenly_spaced(samples: List[Tuple[Path, int]], count: int = SAMPLE) -> List[
 
 def default_size(samples: List[Tuple[Path, int]]) -> int:
     """The median short side of the sampled images, at most ``MAX_DEFAULT_SIZE``. Reads headers only."""
-    from PIL import Image, UnidentifiedImageError
-
-    sides = []
-    for path in evenly_spaced(samples):
-        try:
-            with Image.open(path) as file:
-                sides.append(min(file.size))
-        except (UnidentifiedImageError, OSError) as err:
-            raise ValueError(f"{path} is not a readable image ({err})") from None
+    sides = [read_image(path, lambda file: min(file.size)) for path in evenly_spaced(samples)]
     return min(MAX_DEFAULT_SIZE, int(np.median(sides)))
 
 
