@@ -24,7 +24,7 @@ optuna = pytest.importorskip("optuna", reason="flatmin sweep needs the sweep ext
 
 from flatmin.cli import main  # noqa: E402
 from flatmin.data.mnist1d import load_mnist1d  # noqa: E402
-from flatmin.train.sweep import choose, with_driver  # noqa: E402
+from flatmin.train.sweep import choose, start_method, with_driver  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
@@ -155,6 +155,17 @@ def test_two_processes_on_the_default_storage_run_each_point_once(tmp_path):
     assert len(read_trials(tmp_path)) == len(values)
 
 
+def test_workers_are_forked_on_linux_unless_trials_use_several_threads_and_spawned_ones_work_too(tmp_path):
+    assert start_method(1) == ("fork" if sys.platform == "linux" else "spawn")
+    assert start_method(2) == "spawn"  # GNU OpenMP's thread pool does not survive a fork
+    values = [0.002, 0.01, 0.05]
+    argv = [*TINY, "--space", "sigma=" + ",".join(map(str, values)), "--seeds", "1", "--threads", "2", "--jobs", "2",
+            "--out", str(tmp_path)]
+    assert main(["sweep", *argv]) == 0
+    assert_each_point_once(study_trials(f"sqlite:///{tmp_path / 'study.db'}", f"{tmp_path.name}/rwp"), values)
+    assert {r["state"] for r in read_trials(tmp_path)} == {"complete"}
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -200,8 +211,9 @@ def test_two_workers_on_postgresql_run_each_point_once(tmp_path, postgres):
     values = [0.002, 0.005, 0.01, 0.02, 0.05, 0.1]
     argv = [*TINY, "--space", "sigma=" + ",".join(map(str, values)), "--seeds", "1", "--storage", postgres,
             "--study", "pg-grid"]
-    # Two "machines": separate output folders, one study.
-    procs = [spawn([*argv, "--out", str(tmp_path / f"node{i}")]) for i in range(2)]
+    # Two "machines": separate output folders, one study; the first runs two workers (a forked one shares
+    # nothing of its parent's connections).
+    procs = [spawn([*argv, "--out", str(tmp_path / f"node{i}"), "--jobs", str(2 - i)]) for i in range(2)]
     for proc in procs:
         finish(proc)
     assert_each_point_once(study_trials(postgres, "pg-grid/rwp"), values)

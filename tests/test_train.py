@@ -22,6 +22,20 @@ def cfg_for(tmp_path, **kw):
     return TrainConfig(**{**QUICK, "out": str(tmp_path / "run"), **kw})
 
 
+def test_the_command_imports_neither_dtensor_nor_matplotlib_and_a_run_no_matplotlib(tmp_path):
+    # Each takes about half a second to import. (torch's first optimizer loads TorchDynamo, which loads
+    # DTensor: a run pays that whatever flatmin does.)
+    def imported(code):
+        probe = f"import sys; {code}; print(sorted(m for m in ('matplotlib', 'torch.distributed.tensor') if m in sys.modules))"
+        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip().splitlines()[-1]
+
+    assert imported("import flatmin.cli") == "[]"
+    run = f"import flatmin.cli; flatmin.cli.main(['train', '--epochs', '1', '--progress', 'none', '--out', {str(tmp_path)!r}])"
+    assert "matplotlib" not in imported(run)
+
+
 def test_train_writes_metrics_summary_and_checkpoint(tmp_path):
     summary = train(cfg_for(tmp_path, method="m-arwp"))
     run = tmp_path / "run"

@@ -1,6 +1,4 @@
 """``python -m flatmin ...`` is the ``flatmin`` command."""
-import sys
+from .cli import command
 
-from .cli import main
-
-sys.exit(main())
+command()

@@ -9,32 +9,26 @@ Everything here is the identity for ordinary tensors, so the methods call it unc
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+import sys
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-try:  # public since torch 2.4; the private module holds the same classes before that
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-except ImportError:  # pragma: no cover - torch built without distributed support, or torch < 2.4
-    try:
-        from torch.distributed._tensor import DTensor, Replicate, Shard
-        from torch.distributed._tensor._utils import compute_local_shape_and_global_offset
-    except ImportError:
-        DTensor = Replicate = Shard = compute_local_shape_and_global_offset = None
-try:
-    from torch.distributed.fsdp import FSDPModule
-except ImportError:  # pragma: no cover - torch < 2.6 keeps FSDP2 in a private module
-    try:
-        from torch.distributed._composable.fsdp import FSDPModule
-    except ImportError:
-        FSDPModule = None
+# torch's DTensor machinery takes about half a second to import, and a DTensor can only exist once it
+# has been imported (by fully_shard or the user): it is looked up here, never imported for plain tensors.
+DTENSOR_MODULE = "torch.distributed.tensor"
+
+
+def _dtensor() -> Any:
+    """``torch.distributed.tensor`` if something has imported it, else ``None``."""
+    return sys.modules.get(DTENSOR_MODULE)
 
 
 def is_sharded(t: Tensor) -> bool:
     """Whether ``t`` is a DTensor (its values spread over several processes)."""
-    return DTensor is not None and isinstance(t, DTensor)
+    module = _dtensor()
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def local(t: Tensor) -> Tensor:
@@ -43,6 +37,8 @@ def local(t: Tensor) -> Tensor:
 
 
 def _check_placements(t: Tensor) -> None:
+    from torch.distributed.tensor import Replicate, Shard
+
     for placement in t.placements:
         if not (isinstance(placement, Replicate) or (isinstance(placement, Shard) and placement.dim == 0)):
             raise ValueError(
@@ -58,6 +54,8 @@ def local_range(t: Tensor) -> Tuple[int, int]:
     _check_placements(t)
     if t.ndim == 0:
         return 0, 1
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
     shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
     row = math.prod(t.shape[1:])
     return offset[0] * row, (offset[0] + shape[0]) * row
@@ -68,6 +66,8 @@ def shard_group(t: Tensor) -> Optional[torch.distributed.ProcessGroup]:
     if not is_sharded(t):
         return None
     _check_placements(t)
+    from torch.distributed.tensor import Shard
+
     dims = [i for i, placement in enumerate(t.placements) if isinstance(placement, Shard)]
     if not dims:
         return None
@@ -98,15 +98,17 @@ def sharded_like(values: Tensor, owner: Tensor) -> Tensor:
     if not is_sharded(owner):
         return values
     shape = (owner.shape[0],) if owner.ndim >= 2 else tuple(owner.shape)
-    return DTensor.from_local(values, owner.device_mesh, owner.placements, run_check=False, shape=shape,
+    return _dtensor().DTensor.from_local(values, owner.device_mesh, owner.placements, run_check=False, shape=shape,
                               stride=tuple(torch.empty(shape, device="meta").stride()))
 
 
 def reshard(model: torch.nn.Module) -> None:
     """Free the gathered weights of every FSDP2 module of ``model``, so that its next forward gathers
     the shards anew (after they were changed in place)."""
-    if FSDPModule is None:
+    if _dtensor() is None:  # nothing was sharded
         return
+    from torch.distributed.fsdp import FSDPModule
+
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()

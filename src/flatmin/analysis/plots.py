@@ -9,22 +9,33 @@ display nor changes the backend of the program that calls it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Sequence, Tuple, Union
 
 import numpy as np
-from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from .hessian import slq_density
+
+if TYPE_CHECKING:  # matplotlib is imported by the first figure: a command that draws none skips its 0.4 s
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 PathLike = Union[str, Path]
 # A curve's label and the results it stands for: one model's, or several (e.g. one method's seeds).
 Groups = Sequence[Tuple[str, Sequence[Dict[str, Any]]]]
 
 
+def load_matplotlib() -> None:
+    """Import matplotlib's figure and Agg canvas now (about half a second), for a caller that has
+    time to spare before its first plot, such as a process waiting on others' work."""
+    import matplotlib.backends.backend_agg  # noqa: F401
+    import matplotlib.figure  # noqa: F401
+
+
 def new_figure(size: Tuple[float, float] = (6.0, 4.5)) -> Figure:
     """A figure on its own Agg canvas (no pyplot, no global backend)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=size, layout="constrained")
     FigureCanvasAgg(fig)
     return fig

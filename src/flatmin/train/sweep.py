@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from ..analysis.plots import load_matplotlib
 from .config import METHOD_DEFAULTS, METHOD_HPARAMS, ConfigError, TrainConfig, output_folder, own_hparams
 from .space import Dimension, check_space, describe, grid_points, method_space, parse_space
 from .stats import paired_t_interval
@@ -348,10 +349,13 @@ def _next(plan: Plan, study: Any) -> str:
     return "wait" if any(t.state == TrialState.RUNNING for t in trials) else "done"
 
 
-def work(plan: Plan, threads: int, messages: Any, worker: int = 0) -> None:
+def work(plan: Plan, threads: int, messages: Any, worker: int = 0, storage: Any = None,
+         wake: Optional[threading.Event] = None) -> None:
     """One worker: take trials from the studies, method by method in turn, until none is left.
     ``messages``: a queue (a worker process) or a callable (the sweep's own process), given
-    ``(kind, worker, text)`` for each finished trial, an error, and the end."""
+    ``(kind, worker, text)`` for each finished trial, an error, and the end. ``storage``: the
+    sweep's own, or the parent's in a forked worker (else the worker opens its own). ``wake``: set
+    when another worker ends a trial, so that a worker waiting for the last ones looks at once."""
     import torch
 
     spawned = hasattr(messages, "put")
@@ -362,11 +366,14 @@ def work(plan: Plan, threads: int, messages: Any, worker: int = 0) -> None:
     torch.set_num_threads(threads)
     current: Dict[str, Any] = {}
     try:
-        storage = open_storage(plan.storage, plan.heartbeat)
+        if storage is None:
+            storage = open_storage(plan.storage, plan.heartbeat)
         prepare_study(plan, storage)  # made by whichever process comes first; the others wait for it
         studies = load_studies(plan, storage)
         pending = list(plan.methods)
         while pending:
+            if wake is not None:
+                wake.clear()
             ran = False
             for method in list(pending):
                 study = studies[method]
@@ -395,8 +402,8 @@ def work(plan: Plan, threads: int, messages: Any, worker: int = 0) -> None:
                     if not _is_surplus(frozen):
                         optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, frozen)
                     raise
-            if pending and not ran:  # trials running elsewhere: look again soon (one may go stale)
-                time.sleep(0.5)
+            if pending and not ran:  # trials running elsewhere: look again when one ends (or one may go stale)
+                wake.wait(0.5) if wake is not None else time.sleep(0.5)
     except Exception as err:  # a worker process's error, reported by the sweep in one line
         if not spawned:
             raise
@@ -500,8 +507,8 @@ def _probe(trainer: Any, cfg: TrainConfig) -> None:
 
 
 def sweep(plan: Plan, jobs: int = 1, log: Any = print, progress: bool = True) -> Dict[str, Any]:
-    """Run the sweep with ``jobs`` workers (this process and ``jobs - 1`` worker processes, each
-    with its share of the cores) until every trial of its plan is finished, by these workers or any
+    """Run the sweep with ``jobs`` workers (this process and ``jobs - 1`` worker processes, every
+    trial on ``plan.base.threads`` threads, 1 unless given) until every trial of its plan is finished, by these workers or any
     other on the same storage; then write the reports into ``plan.out``. Returns what
     ``sweep.json`` holds."""
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
@@ -515,15 +522,34 @@ def sweep(plan: Plan, jobs: int = 1, log: Any = print, progress: bool = True) ->
     # Every trial on --threads CPU threads (1 unless given), as compare runs: a run's numbers depend on
     # its thread count, so fixing it makes a point's score independent of --jobs and of the machine.
     threads = plan.base.threads or 1
-    context = multiprocessing.get_context("spawn")
+    method = start_method(threads)
+    context = multiprocessing.get_context(method)
     messages = context.Queue()
-    # The worker processes start first: their imports overlap this process's making of the study
-    # and its first trial.
-    helpers = [context.Process(target=work, args=(plan, threads, messages, i)) for i in range(1, jobs)]
+    helpers = []
     try:
-        for w in helpers:
-            w.start()
-        prepare_study(plan, storage)
+        if method == "fork":
+            # A forked worker starts with this process's imports (torch, Optuna, the data set's
+            # readers: seconds that a spawned one pays again) and its storage, so the study is
+            # made first and the worker begins its first trial at once.
+            prepare_study(plan, storage)
+            # No database connection may cross the fork: a child closing its copy of an SQLite
+            # connection drops the file locks of its own (SQLite's warning), and two processes on one
+            # PostgreSQL socket mix their replies. The pool reconnects on its next use, here and there.
+            storage.engine.dispose()
+            sys.stdout.flush()  # else a worker would write this process's buffered output again
+            sys.stderr.flush()
+            helpers = [context.Process(target=work, args=(plan, threads, messages, i, storage)) for i in range(1, jobs)]
+            for w in helpers:
+                w.start()
+        else:
+            # Spawned workers start first: their imports overlap this process's making of the study.
+            helpers = [context.Process(target=work, args=(plan, threads, messages, i)) for i in range(1, jobs)]
+            for w in helpers:
+                w.start()
+            prepare_study(plan, storage)
+        if helpers:
+            # The reports' plotting library loads while the helpers train, not after the last trial.
+            load_matplotlib()
     except BaseException:
         for w in helpers:
             w.kill()
@@ -536,8 +562,11 @@ def sweep(plan: Plan, jobs: int = 1, log: Any = print, progress: bool = True) ->
     errors: List[str] = []
     lock = threading.Lock()
 
+    wake = threading.Event()
+
     def show(message: Tuple[str, int, str]) -> None:
         kind, worker, text = message
+        wake.set()
         with lock:
             if kind == "trial":
                 bar.n = min(_finished(studies), total)
@@ -559,7 +588,7 @@ def sweep(plan: Plan, jobs: int = 1, log: Any = print, progress: bool = True) ->
     own_threads = torch.get_num_threads()
     try:
         watcher.start()
-        work(plan, threads, show, worker=0)
+        work(plan, threads, show, worker=0, storage=storage, wake=wake)
         # Every trial is finished when work() returns: the reports need not wait for the helpers to exit.
         summary = write_reports(plan, studies)
         for w in helpers:
@@ -582,6 +611,17 @@ def sweep(plan: Plan, jobs: int = 1, log: Any = print, progress: bool = True) ->
     if errors:
         raise SweepError("; ".join(errors))
     return summary
+
+
+def start_method(threads: int) -> str:
+    """How the sweep starts its worker processes: ``fork`` on Linux, where a worker then shares this
+    process's imports, unless CUDA is in use here (a forked child cannot use it) or the trials run on
+    several threads (GNU OpenMP's thread pool does not survive a fork); else ``spawn``."""
+    import torch
+
+    if sys.platform == "linux" and threads == 1 and not torch.cuda.is_initialized():
+        return "fork"
+    return "spawn"
 
 
 def _planned(plan: Plan, studies: Dict[str, Any]) -> int:
