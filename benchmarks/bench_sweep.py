@@ -1,12 +1,20 @@
 """What a sweep adds to the training it runs: storage, sampler and process start-up.
 
-24 grid trials of the digits MLP (30 epochs each, one seed) with ``--jobs 2``, as one
-``flatmin sweep`` command, timed from its start to its exit (imports, the check of the first
-point, the storage, the worker process, the reports and plots included). Against it: the trials' own
-times, each seed run's ``train()`` call from its start to its summary (``run_time_s`` in
-trials.csv: data, model, epochs, evaluation, checkpoints), summed and divided by the 2 workers.
-The target is ``wall / (sum / 2) <= 1.10``, on the default SQLite storage and on PostgreSQL (a
-cluster of its own in a temporary folder, as tests/test_sweep.py starts one).
+24 grid trials of the digits MLP (30 epochs each) with ``--jobs 2``, as one ``flatmin sweep``
+command, timed from its start to its exit (imports, the check of the first point, the storage, the
+worker process, the reports and plots included), with one seed per trial and with the sweep's
+default of two. Against it:
+
+* the trials' own times: each seed run's ``train()`` call from its start to its summary
+  (``run_time_s`` in trials.csv: data, model, epochs, evaluation, checkpoints), summed and divided
+  by the 2 workers. The issue's target is ``wall / (sum / 2) <= 1.10``, on the default SQLite
+  storage and on PostgreSQL (a cluster of its own in a temporary folder, as tests/test_sweep.py
+  starts one);
+* the same trainings without a sweep: the run configurations the sweep wrote, run back to back by
+  ``flatmin.train.train`` in 2 fresh Python processes (half each), no Optuna, no storage, no
+  reports. Their wall time is what any driver that starts processes for these trainings pays
+  (Python, torch and its first optimizer, scikit-learn's split); the sweep's own cost is the rest.
+  Their validation accuracies are checked equal to the sweep's, so both trained the same things.
 
     PYTHONPATH=src python benchmarks/bench_sweep.py --out benchmarks/results/bench-sweep-cpu.txt
 """
@@ -14,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import platform
 import pwd
@@ -25,7 +34,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,23 +88,41 @@ def _has_user(name: str) -> bool:
         return False
 
 
-def measure(name: str, out: Path, args: argparse.Namespace, storage: Optional[str]) -> str:
+SWEEP_COMMAND = [sys.executable, "-m", "flatmin", "sweep", "--data", "digits", "--model", "mlp", "--methods", "rwp",
+                 "--progress", "none"]
+# One process of the no-sweep baseline: its share of the run configurations, trained one after the other.
+BARE_DRIVER = """
+import json, sys, time
+from flatmin.train import TrainConfig, train
+runs = []
+for cfg in json.load(open(sys.argv[1])):
+    start = time.perf_counter()
+    summary = train(TrainConfig.from_dict(cfg, where="bench"))
+    runs.append({"out": cfg["out"], "val_acc": summary["val_acc"], "run_time_s": time.perf_counter() - start})
+json.dump(runs, open(sys.argv[2], "w"))
+"""
+
+
+def _env() -> dict:
+    paths = [str(ROOT / "src"), os.environ.get("PYTHONPATH")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))}
+
+
+def measure(name: str, out: Path, args: argparse.Namespace, seeds: int, storage: Optional[str]) -> Tuple[str, float]:
     """Run the sweep once; its wall time against the trials' own, and where the rest went."""
     import optuna
 
     from flatmin.train.sweep import with_driver
 
     study = out.name if storage is None else f"bench-{time.time_ns()}"
-    command = [sys.executable, "-m", "flatmin", "sweep", "--data", "digits", "--model", "mlp", "--epochs",
-               str(args.epochs), "--methods", "rwp", "--space", f"sigma=0.001:0.1:log:{args.trials}", "--seeds", "1",
-               "--jobs", str(args.jobs), "--progress", "none", "--out", str(out), "--study", study]
+    command = [*SWEEP_COMMAND, "--epochs", str(args.epochs), "--space", f"sigma=0.001:0.1:log:{args.trials}",
+               "--seeds", str(seeds), "--jobs", str(args.jobs), "--out", str(out), "--study", study]
     if storage:
         command += ["--storage", storage]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
     load = os.getloadavg()
     began = time.time()
     start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    done = subprocess.run(command, capture_output=True, text=True, env=_env())
     if done.returncode:
         raise SystemExit(f"{name}: the sweep failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
     wall = time.perf_counter() - start
@@ -104,7 +131,9 @@ def measure(name: str, out: Path, args: argparse.Namespace, storage: Optional[st
         rows = [r for r in csv.DictReader(handle) if r["state"] == "complete"]
     runs = sum(float(r["run_time_s"]) for r in rows)
     trains = sum(float(r["train_time_s"]) for r in rows)
-    own = {int(r["trial"]): float(r["run_time_s"]) for r in rows}
+    own: Dict[int, float] = {}
+    for r in rows:
+        own[int(r["trial"])] = own.get(int(r["trial"]), 0.0) + float(r["run_time_s"])
     url = with_driver(storage or f"sqlite:///{(out / 'study.db').resolve()}")
     trials = [t for t in optuna.load_study(study_name=f"{study}/rwp", storage=url).get_trials()
               if t.state == optuna.trial.TrialState.COMPLETE]
@@ -113,13 +142,45 @@ def measure(name: str, out: Path, args: argparse.Namespace, storage: Optional[st
     # Inside each trial, around its training: suggesting, storing its results, the heartbeat, telling.
     inside = sum((t.datetime_complete - t.datetime_start).total_seconds() - own[t.number] for t in trials)
     ideal = runs / args.jobs
-    return (f"{name:<11} {len(rows):>3} trials  wall {wall:6.1f} s  trials' own time {runs:6.1f} s (training loop "
-            f"alone {trains:6.1f} s)  wall / (own / {args.jobs}) = {wall / ideal:5.3f}, "
+    return (f"{name:<11} {len(trials):>3} trials, {len(rows):>3} runs  wall {wall:6.1f} s  trials' own time "
+            f"{runs:6.1f} s "
+            f"(training loop alone {trains:6.1f} s)  wall / (own / {args.jobs}) = {wall / ideal:5.3f}, "
             f"{'meets' if wall / ideal <= 1.10 else 'misses'} 1.10\n"
-            f"{'':<11} start-up to the first trial {first - began:5.1f} s, reports after the last {ended - last:4.1f} s, "
-            f"storage and sampler inside the trials {1000 * inside / len(trials):4.0f} ms per trial, between the "
-            f"first start and the last end {last - first - ideal:5.1f} s beyond own / {args.jobs} "
-            f"(load average before: {load[0]:.2f})")
+            f"{'':<11} start-up to the first trial {first - began:5.1f} s, reports and exit after the last "
+            f"{ended - last:4.1f} s, storage and sampler inside the trials {1000 * inside / len(trials):4.0f} ms per "
+            f"trial, between the first start and the last end {last - first - ideal:5.1f} s beyond own / {args.jobs} "
+            f"(load average before: {load[0]:.2f})"), wall
+
+
+def measure_bare(sweep_out: Path, out: Path, args: argparse.Namespace, sweep_wall: float) -> str:
+    """The sweep's runs again, without a sweep: ``args.jobs`` fresh processes, each its share in turn."""
+    configs = []
+    for summary in sorted(sweep_out.glob("rwp/trial*/seed*/summary.json")):
+        cfg = json.loads(summary.read_text())["config"]
+        configs.append({**cfg, "out": str(out / summary.parent.relative_to(sweep_out))})
+    shares = [configs[k::args.jobs] for k in range(args.jobs)]
+    out.mkdir(parents=True)
+    for k, share in enumerate(shares):
+        (out / f"share{k}.json").write_text(json.dumps(share))
+    load = os.getloadavg()
+    start = time.perf_counter()
+    procs = [subprocess.Popen([sys.executable, "-c", BARE_DRIVER, str(out / f"share{k}.json"),
+                               str(out / f"done{k}.json")], env=_env(), stderr=subprocess.PIPE, text=True)
+             for k in range(args.jobs)]
+    for proc in procs:
+        if proc.wait():
+            raise SystemExit(f"no sweep: a process failed: {proc.stderr.read().strip()[-2000:]}")
+    wall = time.perf_counter() - start
+    runs = [r for k in range(args.jobs) for r in json.loads((out / f"done{k}.json").read_text())]
+    own = sum(r["run_time_s"] for r in runs)
+    swept = {str(Path(c["out"]).relative_to(out)): json.loads(
+        (sweep_out / Path(c["out"]).relative_to(out) / "summary.json").read_text())["val_acc"] for c in configs}
+    same = all(swept[str(Path(r["out"]).relative_to(out))] == r["val_acc"] for r in runs)
+    return (f"{'no sweep':<11} {len(runs):>3} runs in {args.jobs} processes  wall {wall:6.1f} s  runs' own time "
+            f"{own:6.1f} s  "
+            f"wall / (own / {args.jobs}) = {wall / (own / args.jobs):5.3f}  (validation accuracies equal to the "
+            f"sweep's: {'yes' if same else 'NO'}; load average before: {load[0]:.2f})\n"
+            f"{'':<11} the sweep's wall time / this = {sweep_wall / wall:5.3f} (SQLite)")
 
 
 def main() -> None:
@@ -127,20 +188,25 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=24)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--seeds", default="1,2", help="seeds per trial, one sweep each (default: 1,2)")
     parser.add_argument("--out", default=None, help="also write the lines to this file")
     args = parser.parse_args()
-    lines = [f"flatmin sweep overhead: {args.trials} grid trials of the digits MLP, {args.epochs} epochs, 1 seed, "
-             f"--jobs {args.jobs}; {os.cpu_count()} CPUs, Python {platform.python_version()}, {platform.platform()}"]
+    lines = [f"flatmin sweep overhead: {args.trials} grid trials of the digits MLP, {args.epochs} epochs, --jobs "
+             f"{args.jobs}; {os.cpu_count()} CPUs, Python {platform.python_version()}, {platform.platform()}"]
     print(lines[0], flush=True)
-    with tempfile.TemporaryDirectory(prefix="flatmin-bench-sweep-") as tmp:
-        lines.append(measure("sqlite file", Path(tmp) / "sqlite", args, None))
-        print(lines[-1], flush=True)
-        with postgres() as url:
-            if url is None:
-                lines.append(f"postgresql  skipped: no server binaries in {PG_BIN}")
-            else:
-                lines.append(measure("postgresql", Path(tmp) / "postgresql", args, url))
-            print(lines[-1], flush=True)
+
+    def say(line: str) -> None:
+        lines.append(line)
+        print(line, flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="flatmin-bench-sweep-") as tmp, postgres() as url:
+        for seeds in (int(s) for s in args.seeds.split(",")):
+            say(f"-- {seeds} seed{'s' if seeds != 1 else ''} per trial")
+            line, wall = measure("sqlite file", Path(tmp) / f"sqlite{seeds}", args, seeds, None)
+            say(line)
+            say(measure("postgresql", Path(tmp) / f"postgresql{seeds}", args, seeds, url)[0] if url else
+                f"postgresql  skipped: no server binaries in {PG_BIN}")
+            say(measure_bare(Path(tmp) / f"sqlite{seeds}", Path(tmp) / f"bare{seeds}", args, wall))
     if args.out:
         Path(args.out).write_text("\n".join(lines) + "\n")
 

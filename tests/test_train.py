@@ -26,13 +26,15 @@ def test_the_command_imports_neither_dtensor_nor_matplotlib_and_a_run_no_matplot
     # Each takes about half a second to import. (torch's first optimizer loads TorchDynamo, which loads
     # DTensor: a run pays that whatever flatmin does.)
     def imported(code):
-        probe = f"import sys; {code}; print(sorted(m for m in ('matplotlib', 'torch.distributed.tensor') if m in sys.modules))"
+        heavy = ("matplotlib", "torch.distributed.tensor")
+        probe = f"import sys; {code}; print(sorted(m for m in {heavy!r} if m in sys.modules))"
         done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
         return done.stdout.strip().splitlines()[-1]
 
     assert imported("import flatmin.cli") == "[]"
-    run = f"import flatmin.cli; flatmin.cli.main(['train', '--epochs', '1', '--progress', 'none', '--out', {str(tmp_path)!r}])"
+    argv = ["train", "--epochs", "1", "--progress", "none", "--out", str(tmp_path)]
+    run = f"import flatmin.cli; flatmin.cli.main({argv!r})"
     assert "matplotlib" not in imported(run)
 
 

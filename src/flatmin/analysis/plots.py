@@ -27,8 +27,10 @@ Groups = Sequence[Tuple[str, Sequence[Dict[str, Any]]]]
 def load_matplotlib() -> None:
     """Import matplotlib's figure and Agg canvas now (about half a second), for a caller that has
     time to spare before its first plot, such as a process waiting on others' work."""
-    import matplotlib.backends.backend_agg  # noqa: F401
-    import matplotlib.figure  # noqa: F401
+    import importlib
+
+    for module in ("matplotlib.figure", "matplotlib.backends.backend_agg"):
+        importlib.import_module(module)
 
 
 def new_figure(size: Tuple[float, float] = (6.0, 4.5)) -> Figure:

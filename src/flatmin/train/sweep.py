@@ -403,7 +403,10 @@ def work(plan: Plan, threads: int, messages: Any, worker: int = 0, storage: Any 
                         optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, frozen)
                     raise
             if pending and not ran:  # trials running elsewhere: look again when one ends (or one may go stale)
-                wake.wait(0.5) if wake is not None else time.sleep(0.5)
+                if wake is not None:
+                    wake.wait(0.5)
+                else:
+                    time.sleep(0.5)
     except Exception as err:  # a worker process's error, reported by the sweep in one line
         if not spawned:
             raise
@@ -508,9 +511,9 @@ def _probe(trainer: Any, cfg: TrainConfig) -> None:
 
 def sweep(plan: Plan, jobs: int = 1, log: Any = print, progress: bool = True) -> Dict[str, Any]:
     """Run the sweep with ``jobs`` workers (this process and ``jobs - 1`` worker processes, every
-    trial on ``plan.base.threads`` threads, 1 unless given) until every trial of its plan is finished, by these workers or any
-    other on the same storage; then write the reports into ``plan.out``. Returns what
-    ``sweep.json`` holds."""
+    trial on ``plan.base.threads`` threads, 1 unless given) until every trial of its plan is
+    finished, by these workers or any other on the same storage; then write the reports into
+    ``plan.out``. Returns what ``sweep.json`` holds."""
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ConfigError(f"jobs={jobs!r} is not allowed: it must be an integer >= 1")
     import queue
@@ -561,7 +564,6 @@ def sweep(plan: Plan, jobs: int = 1, log: Any = print, progress: bool = True) ->
                disable=not progress)
     errors: List[str] = []
     lock = threading.Lock()
-
     wake = threading.Event()
 
     def show(message: Tuple[str, int, str]) -> None:
@@ -616,7 +618,8 @@ def sweep(plan: Plan, jobs: int = 1, log: Any = print, progress: bool = True) ->
 def start_method(threads: int) -> str:
     """How the sweep starts its worker processes: ``fork`` on Linux, where a worker then shares this
     process's imports, unless CUDA is in use here (a forked child cannot use it) or the trials run on
-    several threads (GNU OpenMP's thread pool does not survive a fork); else ``spawn``."""
+    several threads (a child of a process that has run GNU OpenMP's thread pool can hang in its
+    first parallel region); else ``spawn``."""
     import torch
 
     if sys.platform == "linux" and threads == 1 and not torch.cuda.is_initialized():
