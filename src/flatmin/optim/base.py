@@ -338,8 +338,10 @@ class WrappedOptimizer(torch.optim.Optimizer):
         else:
             self.skipped_steps += 1
             warnings.warn(
-                f"{type(self).__name__}: non-finite gradient, update skipped "
-                f"({self.skipped_steps} skipped so far); weights and optimizer state are unchanged",
+                # One text per method, so that Python's default filter shows it once, not at every
+                # skipped update of a diverging run; skipped_steps counts them.
+                f"{type(self).__name__}: non-finite gradient, update skipped; weights and optimizer state are "
+                "unchanged (the optimizer's skipped_steps counts the skipped updates)",
                 RuntimeWarning,
                 stacklevel=3,
             )
