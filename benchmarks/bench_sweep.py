@@ -28,6 +28,7 @@ import platform
 import pwd
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -108,7 +109,8 @@ def _env() -> dict:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))}
 
 
-def measure(name: str, out: Path, args: argparse.Namespace, seeds: int, storage: Optional[str]) -> Tuple[str, float]:
+def measure(name: str, out: Path, args: argparse.Namespace, seeds: int,
+            storage: Optional[str]) -> Tuple[str, float, float]:
     """Run the sweep once; its wall time against the trials' own, and where the rest went."""
     import optuna
 
@@ -149,10 +151,10 @@ def measure(name: str, out: Path, args: argparse.Namespace, seeds: int, storage:
             f"{'':<11} start-up to the first trial {first - began:5.1f} s, reports and exit after the last "
             f"{ended - last:4.1f} s, storage and sampler inside the trials {1000 * inside / len(trials):4.0f} ms per "
             f"trial, between the first start and the last end {last - first - ideal:5.1f} s beyond own / {args.jobs} "
-            f"(load average before: {load[0]:.2f})"), wall
+            f"(load average before: {load[0]:.2f})"), wall, wall / ideal
 
 
-def measure_bare(sweep_out: Path, out: Path, args: argparse.Namespace, sweep_wall: float) -> str:
+def measure_bare(sweep_out: Path, out: Path, args: argparse.Namespace, sweep_wall: float) -> Tuple[str, float]:
     """The sweep's runs again, without a sweep: ``args.jobs`` fresh processes, each its share in turn."""
     configs = []
     for summary in sorted(sweep_out.glob("rwp/trial*/seed*/summary.json")):
@@ -180,7 +182,7 @@ def measure_bare(sweep_out: Path, out: Path, args: argparse.Namespace, sweep_wal
             f"{own:6.1f} s  "
             f"wall / (own / {args.jobs}) = {wall / (own / args.jobs):5.3f}  (validation accuracies equal to the "
             f"sweep's: {'yes' if same else 'NO'}; load average before: {load[0]:.2f})\n"
-            f"{'':<11} the sweep's wall time / this = {sweep_wall / wall:5.3f} (SQLite)")
+            f"{'':<11} the sweep's wall time / this = {sweep_wall / wall:5.3f} (SQLite)"), wall
 
 
 def main() -> None:
@@ -189,6 +191,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--seeds", default="1,2", help="seeds per trial, one sweep each (default: 1,2)")
+    parser.add_argument("--repeat", type=int, default=1, help="repetitions of the three, with medians (default: 1)")
     parser.add_argument("--out", default=None, help="also write the lines to this file")
     args = parser.parse_args()
     lines = [f"flatmin sweep overhead: {args.trials} grid trials of the digits MLP, {args.epochs} epochs, --jobs "
@@ -202,11 +205,28 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="flatmin-bench-sweep-") as tmp, postgres() as url:
         for seeds in (int(s) for s in args.seeds.split(",")):
             say(f"-- {seeds} seed{'s' if seeds != 1 else ''} per trial")
-            line, wall = measure("sqlite file", Path(tmp) / f"sqlite{seeds}", args, seeds, None)
-            say(line)
-            say(measure("postgresql", Path(tmp) / f"postgresql{seeds}", args, seeds, url)[0] if url else
-                f"postgresql  skipped: no server binaries in {PG_BIN}")
-            say(measure_bare(Path(tmp) / f"sqlite{seeds}", Path(tmp) / f"bare{seeds}", args, wall))
+            ratios: Dict[str, List[float]] = {"sqlite": [], "postgresql": [], "sweep / no sweep": []}
+            for rep in range(args.repeat):
+                # Each repetition runs the three one after the other, so that the sweep and the same
+                # trainings without it meet the same machine; the medians say what holds across them.
+                run = Path(tmp) / f"seeds{seeds}-{rep}"
+                line, wall, ratio = measure("sqlite file", run / "sqlite", args, seeds, None)
+                say(line)
+                ratios["sqlite"].append(ratio)
+                if url:
+                    line, _, ratio = measure("postgresql", run / "postgresql", args, seeds, url)
+                    ratios["postgresql"].append(ratio)
+                else:
+                    line = f"postgresql  skipped: no server binaries in {PG_BIN}"
+                say(line)
+                line, bare = measure_bare(run / "sqlite", run / "bare", args, wall)
+                say(line)
+                ratios["sweep / no sweep"].append(wall / bare)
+            if args.repeat > 1:
+                say(f"{'median':<11} of {args.repeat}: " + "; ".join(
+                    f"{name} {statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+                    for name, values in ratios.items() if values)
+                    + f"  [sqlite and postgresql: wall / (own / {args.jobs})]")
     if args.out:
         Path(args.out).write_text("\n".join(lines) + "\n")
 

@@ -570,10 +570,12 @@ def sweep(plan: Plan, jobs: int = 1, log: Any = print, progress: bool = True) ->
         kind, worker, text = message
         wake.set()
         with lock:
-            if kind == "trial":
-                bar.n = min(_finished(studies), total)
+            if kind == "trial" and progress:
+                bar.n = min(_finished(studies), total)  # of every worker on the storage: a read of the study
                 bar.refresh()
-                bar.write(text) if progress else log(text)
+                bar.write(text)
+            elif kind == "trial":
+                log(text)
             elif kind == "error":
                 errors.append(f"worker {worker}: {text}")
 
