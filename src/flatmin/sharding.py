@@ -99,7 +99,7 @@ def sharded_like(values: Tensor, owner: Tensor) -> Tensor:
         return values
     shape = (owner.shape[0],) if owner.ndim >= 2 else tuple(owner.shape)
     return _dtensor().DTensor.from_local(values, owner.device_mesh, owner.placements, run_check=False, shape=shape,
-                              stride=tuple(torch.empty(shape, device="meta").stride()))
+                                         stride=tuple(torch.empty(shape, device="meta").stride()))
 
 
 def reshard(model: torch.nn.Module) -> None:

@@ -354,8 +354,9 @@ def work(plan: Plan, threads: int, messages: Any, worker: int = 0, storage: Any 
     """One worker: take trials from the studies, method by method in turn, until none is left.
     ``messages``: a queue (a worker process) or a callable (the sweep's own process), given
     ``(kind, worker, text)`` for each finished trial, an error, and the end. ``storage``: the
-    sweep's own, or the parent's in a forked worker (else the worker opens its own). ``wake``: set
-    when another worker ends a trial, so that a worker waiting for the last ones looks at once."""
+    sweep's own (its study made), or the parent's in a forked worker; a spawned worker opens its
+    own. ``wake``: set when another worker ends a trial, so that a worker waiting for the last ones
+    looks at once."""
     import torch
 
     spawned = hasattr(messages, "put")
@@ -365,15 +366,15 @@ def work(plan: Plan, threads: int, messages: Any, worker: int = 0, storage: Any 
     optuna = _quiet_optuna()
     torch.set_num_threads(threads)
     current: Dict[str, Any] = {}
+    wake = wake or threading.Event()  # none given: nobody sets it, and waiting on it is a sleep
     try:
         if storage is None:
             storage = open_storage(plan.storage, plan.heartbeat)
-        prepare_study(plan, storage)  # made by whichever process comes first; the others wait for it
+            prepare_study(plan, storage)  # made by whichever process comes first; the others wait for it
         studies = load_studies(plan, storage)
         pending = list(plan.methods)
         while pending:
-            if wake is not None:
-                wake.clear()
+            wake.clear()
             ran = False
             for method in list(pending):
                 study = studies[method]
@@ -403,10 +404,7 @@ def work(plan: Plan, threads: int, messages: Any, worker: int = 0, storage: Any 
                         optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, frozen)
                     raise
             if pending and not ran:  # trials running elsewhere: look again when one ends (or one may go stale)
-                if wake is not None:
-                    wake.wait(0.5)
-                else:
-                    time.sleep(0.5)
+                wake.wait(0.5)
     except Exception as err:  # a worker process's error, reported by the sweep in one line
         if not spawned:
             raise
@@ -528,9 +526,10 @@ def sweep(plan: Plan, jobs: int = 1, log: Any = print, progress: bool = True) ->
     method = start_method(threads)
     context = multiprocessing.get_context(method)
     messages = context.Queue()
+    fork = method == "fork"
     helpers = []
     try:
-        if method == "fork":
+        if fork:
             # A forked worker starts with this process's imports (torch, Optuna, the data set's
             # readers: seconds that a spawned one pays again) and its storage, so the study is
             # made first and the worker begins its first trial at once.
@@ -541,14 +540,12 @@ def sweep(plan: Plan, jobs: int = 1, log: Any = print, progress: bool = True) ->
             storage.engine.dispose()
             sys.stdout.flush()  # else a worker would write this process's buffered output again
             sys.stderr.flush()
-            helpers = [context.Process(target=work, args=(plan, threads, messages, i, storage)) for i in range(1, jobs)]
-            for w in helpers:
-                w.start()
-        else:
-            # Spawned workers start first: their imports overlap this process's making of the study.
-            helpers = [context.Process(target=work, args=(plan, threads, messages, i)) for i in range(1, jobs)]
-            for w in helpers:
-                w.start()
+        # Spawned workers start before the study is made: their imports overlap the making of it.
+        helpers = [context.Process(target=work, args=(plan, threads, messages, i, storage if fork else None))
+                   for i in range(1, jobs)]
+        for w in helpers:
+            w.start()
+        if not fork:
             prepare_study(plan, storage)
         if helpers:
             # The reports' plotting library loads while the helpers train, not after the last trial.
