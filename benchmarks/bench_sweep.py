@@ -156,10 +156,11 @@ def measure(name: str, out: Path, args: argparse.Namespace, seeds: int,
 
 def measure_bare(sweep_out: Path, out: Path, args: argparse.Namespace, sweep_wall: float) -> Tuple[str, float]:
     """The sweep's runs again, without a sweep: ``args.jobs`` fresh processes, each its share in turn."""
-    configs = []
+    configs, swept = [], {}  # each run's settings, and its validation accuracy in the sweep
     for summary in sorted(sweep_out.glob("rwp/trial*/seed*/summary.json")):
-        cfg = json.loads(summary.read_text())["config"]
-        configs.append({**cfg, "out": str(out / summary.parent.relative_to(sweep_out))})
+        done = json.loads(summary.read_text())
+        configs.append({**done["config"], "out": str(out / summary.parent.relative_to(sweep_out))})
+        swept[configs[-1]["out"]] = done["val_acc"]
     shares = [configs[k::args.jobs] for k in range(args.jobs)]
     out.mkdir(parents=True)
     for k, share in enumerate(shares):
@@ -175,9 +176,7 @@ def measure_bare(sweep_out: Path, out: Path, args: argparse.Namespace, sweep_wal
     wall = time.perf_counter() - start
     runs = [r for k in range(args.jobs) for r in json.loads((out / f"done{k}.json").read_text())]
     own = sum(r["run_time_s"] for r in runs)
-    swept = {str(Path(c["out"]).relative_to(out)): json.loads(
-        (sweep_out / Path(c["out"]).relative_to(out) / "summary.json").read_text())["val_acc"] for c in configs}
-    same = all(swept[str(Path(r["out"]).relative_to(out))] == r["val_acc"] for r in runs)
+    same = all(swept[r["out"]] == r["val_acc"] for r in runs)
     return (f"{'no sweep':<11} {len(runs):>3} runs in {args.jobs} processes  wall {wall:6.1f} s  runs' own time "
             f"{own:6.1f} s  "
             f"wall / (own / {args.jobs}) = {wall / (own / args.jobs):5.3f}  (validation accuracies equal to the "
