@@ -29,3 +29,21 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(params=DEVICES)
 def device(request):
     return torch.device(request.param)
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """Every figure flatmin saves during the test, by file name (the files are written too)."""
+    from flatmin.analysis import plots
+    from flatmin.train import compare_plots, sweep_plots
+
+    saved = {}
+    original = plots.save_figure
+
+    def record(fig, path):
+        saved[path.name] = fig
+        return original(fig, path)
+
+    for module in (plots, compare_plots, sweep_plots):  # each calls the save_figure it imported
+        monkeypatch.setattr(module, "save_figure", record)
+    return saved

@@ -324,25 +324,17 @@ def test_analyze_writes_json_and_plots(tmp_path):
         analyze(model, F.cross_entropy, batches, what=("radius",), out_dir=tmp_path, landscape={"steps": 3})
 
 
-def test_plots_name_the_split_the_loss_was_measured_on(tmp_path, monkeypatch):
+def test_plots_name_the_split_the_loss_was_measured_on(tmp_path, figures):
     from flatmin.analysis import plots
 
-    saved = {}
-    original = plots.save_figure
-
-    def record(fig, path):
-        saved[path.name] = fig
-        return original(fig, path)
-
-    monkeypatch.setattr(plots, "save_figure", record)
     model, batches = tiny_mlp()
     result = analyze(model, F.cross_entropy, batches, what=("landscape", "radius"), out_dir=tmp_path, split="test",
                      landscape_1d={"steps": 3}, landscape_2d={"steps": 3}, radius={"radii": [0.0, 0.1], "draws": 1})
     assert json.loads((tmp_path / "analysis.json").read_text())["split"] == result["split"] == "test"
-    labels = {name: [ax.get_ylabel() for ax in fig.axes] for name, fig in saved.items()}
+    labels = {name: [ax.get_ylabel() for ax in fig.axes] for name, fig in figures.items()}
     assert labels["landscape_1d.png"][0] == "test loss" and labels["radius.png"] == ["test loss"]
     assert "test loss" in labels["landscape_2d.png"]  # the colour bar's axis
     assert not any("train" in label for names in labels.values() for label in names)
     plots.overlay([("a", [result])], tmp_path, prefix="o_", split="val")
-    assert saved["o_radius.png"].axes[0].get_ylabel() == "val loss"
-    assert saved["o_landscape_1d.png"].axes[0].get_ylabel() == "val loss"
+    assert figures["o_radius.png"].axes[0].get_ylabel() == "val loss"
+    assert figures["o_landscape_1d.png"].axes[0].get_ylabel() == "val loss"

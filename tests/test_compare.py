@@ -12,7 +12,6 @@ import torch
 from flatmin.analysis import plots
 from flatmin.cli import main
 from flatmin.train import TrainConfig, Trainer, compare, train
-from flatmin.train import compare_plots
 from flatmin.train.checkpoint import load_checkpoint
 from flatmin.train.compare import markdown_report, table_rows
 from flatmin.train.loop import budget_updates
@@ -162,21 +161,6 @@ def test_compare_in_two_processes_matches_one(tmp_path):
 
 
 # ---------------------------------------------------------------- flatness side by side
-
-@pytest.fixture
-def figures(monkeypatch):
-    """Every figure the overlays save, by file name."""
-    saved = {}
-    original = plots.save_figure
-
-    def record(fig, path):
-        saved[path.name] = fig
-        return original(fig, path)
-
-    monkeypatch.setattr(plots, "save_figure", record)
-    monkeypatch.setattr(compare_plots, "save_figure", record)
-    return saved
-
 
 def curve_labels(fig):
     return [line.get_label() for ax in fig.axes for line in ax.get_lines() if not line.get_label().startswith("_")]
