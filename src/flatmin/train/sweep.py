@@ -556,7 +556,7 @@ def sweep(plan: Plan, jobs: int = 1, log: Any = print, progress: bool = True) ->
             w.join()
         raise
     studies = load_studies(plan, storage)
-    total = _planned(plan, studies)
+    total = _planned(plan)
     bar = tqdm(total=total, initial=min(_finished(studies), total), desc="trials", unit="trial", dynamic_ncols=True,
                disable=not progress)
     errors: List[str] = []
@@ -626,7 +626,7 @@ def start_method(threads: int) -> str:
     return "spawn"
 
 
-def _planned(plan: Plan, studies: Dict[str, Any]) -> int:
+def _planned(plan: Plan) -> int:
     if plan.sampler == "grid":
         return sum(len(grid_points(plan.spaces[m])) for m in plan.methods)
     return plan.trials * len(plan.methods)
@@ -710,7 +710,8 @@ def write_reports(plan: Plan, studies: Dict[str, Any]) -> Dict[str, Any]:
                "chosen": {m: {"trial": r["trial"], "params": r["params"], "val_acc": r["val_acc"],
                               "val_acc_ci95": r["val_acc_ci95"], "best_yaml": str(out / m / "best.yaml")}
                           for m, r in chosen.items()},
-               "planned": _planned(plan, studies), "finished": _finished(studies), "plots": plots}
+               "planned": _planned(plan), "finished": sum(r["state"] in ("complete", "pruned") for r in records),
+               "plots": plots}
     (out / "sweep.json").write_text(json.dumps(summary, indent=1, default=str))
     (out / "sweep.md").write_text(markdown_report(plan, records, chosen, summary))
     return summary
